@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     if is_main:
         if done_manifest is not None:
             manifest = done_manifest
+            # .progress/ was (re)created above, or left by a run killed after writing the manifest
+            shutil.rmtree(dest / fmt.PROGRESS_DIR, ignore_errors=True)
             print(f"{dest} is already complete ({manifest['count']} samples); nothing to do")
         else:
             records = []
