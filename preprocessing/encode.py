@@ -137,20 +137,23 @@ def check_dest(dest: Path, config: dict, overwrite: bool, is_main: bool) -> dict
     return None
 
 
-def finished_record(dest: Path, shard: int, done_manifest: dict | None) -> dict | None:
-    """The record of shard ``shard`` if it is finished and its file still matches its sha256."""
+def finished_record(dest: Path, shard: int, old_manifest: dict | None,
+                    check_hash: bool = True) -> dict | None:
+    """The record of ``shard`` if it is finished: from .progress/ or from a finished manifest of
+    the same configuration, and (with ``check_hash``) its file still matches the sha256."""
     rec = None
-    if done_manifest is not None:
-        rec = next((r for r in done_manifest["shard_records"] if r["shard"] == shard), None)
-    else:
-        p = dest / fmt.PROGRESS_DIR / f"{fmt.shard_name(shard)}.json"
-        if p.is_file():
-            try:
-                rec = json.loads(p.read_text())
-            except json.JSONDecodeError:
-                rec = None
+    p = dest / fmt.PROGRESS_DIR / f"{fmt.shard_name(shard)}.json"
+    if p.is_file():
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            rec = None
+    if rec is None and old_manifest is not None:
+        rec = next((r for r in old_manifest["shard_records"] if r["shard"] == shard), None)
     path = dest / fmt.shard_name(shard)
-    if rec is None or not path.is_file() or fmt.sha256_file(path) != rec["sha256"]:
+    if rec is None or not path.is_file():
+        return None
+    if check_hash and fmt.sha256_file(path) != rec["sha256"]:
         return None
     return rec
 
@@ -314,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if is_main:
         print("encode config:\n" + json.dumps(config, indent=1, sort_keys=True), flush=True)
-    done_manifest = check_dest(dest, config, args.overwrite, is_main)
+    old_manifest = check_dest(dest, config, args.overwrite, is_main)
     if is_main:
         (dest / fmt.PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
         for stale in dest.glob(".shard-*.tmp-*"):  # debris of a killed run
             stale.unlink(missing_ok=True)
-        if done_manifest is None:
+        if old_manifest is None:
             fmt.atomic_write_json(dest / fmt.PROGRESS_DIR / "config.json", config)
     state.wait_for_everyone()
 
@@ -331,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         order = order[:args.max_images]
     num_shards = math.ceil(len(order) / args.shard_size)
     mine = [s for s in range(num_shards) if s % state.num_processes == state.process_index]
-    todo = [s for s in mine if finished_record(dest, s, done_manifest) is None]
-    if todo and done_manifest is not None:
-        done_manifest = None  # a finished shard was damaged: re-encode it, rebuild the manifest
+    todo = [s for s in mine if finished_record(dest, s, old_manifest) is None]
 
     positions = np.concatenate([order[s * args.shard_size:(s + 1) * args.shard_size]
                                 for s in todo]) if todo else np.empty(0, dtype=np.int64)
@@ -389,24 +390,23 @@ def main(argv: list[str] | None = None) -> int:
     state.wait_for_everyone()
 
     if is_main:
-        if done_manifest is not None:
-            manifest = done_manifest
-            # .progress/ was (re)created above, or left by a run killed after writing the manifest
-            shutil.rmtree(dest / fmt.PROGRESS_DIR, ignore_errors=True)
+        # The manifest is rebuilt from the records every time; the bytes are deterministic, so a
+        # rerun of a finished directory rewrites the same file.
+        records = []
+        for s in range(num_shards):
+            rec = finished_record(dest, s, old_manifest, check_hash=False)
+            if rec is None:
+                print(f"error: shard {s} did not finish; rerun the command", file=sys.stderr)
+                return 1
+            records.append(rec)
+        manifest, report = assemble(config, config_sha, source, records, key, channels, hw,
+                                    args, vae_ident)
+        fmt.atomic_write_json(dest / fmt.REPORT, report)
+        fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)
+        shutil.rmtree(dest / fmt.PROGRESS_DIR, ignore_errors=True)
+        if manifest == old_manifest:
             print(f"{dest} is already complete ({manifest['count']} samples); nothing to do")
         else:
-            records = []
-            for s in range(num_shards):
-                rec = finished_record(dest, s, None)
-                if rec is None:
-                    print(f"error: shard {s} did not finish; rerun the command", file=sys.stderr)
-                    return 1
-                records.append(rec)
-            manifest, report = assemble(config, config_sha, source, records, key, channels, hw,
-                                        args, vae_ident)
-            fmt.atomic_write_json(dest / fmt.REPORT, report)
-            fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)
-            shutil.rmtree(dest / fmt.PROGRESS_DIR, ignore_errors=True)
             summarize(manifest, report, dest)
         if manifest["count"] == 0:
             print("error: no image could be encoded; see report.json", file=sys.stderr)

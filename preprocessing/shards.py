@@ -484,7 +484,9 @@ class ShardLoader:
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Serve the rest of the current epoch, then advance to the next one."""
+        """Serve the rest of the current epoch (the next one if it is used up), then advance."""
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
         epoch = self.epoch
         todo = deque(range(self.step, self.steps_per_epoch))
         if self.prefetch <= 0:
