@@ -1,0 +1,1 @@
+"""Networks: the VAE wrapper (models.vae) now; SiT, projectors and encoders as they land."""
