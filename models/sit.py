@@ -261,6 +261,22 @@ class SiT(nn.Module):
                   self.final_layer.linear.weight, self.final_layer.linear.bias):
             nn.init.zeros_(p)
 
+    def forward_macs(self) -> int:
+        """Multiply-accumulates of one forward pass for one sample (matmuls and attention only).
+
+        Counted like DiT's published "Gflops" (which are MACs): SiT-XL/2 at 256 px is 118.6 G.
+        Hardware FLOPs are 2x this; a training step (forward + backward) is ~3x the forward.
+        """
+        d, t = self.hidden_size, self.grid ** 2
+        p2c = self.patch_size ** 2 * self.in_channels
+        mlp_hidden = self.blocks[0].mlp.fc1.out_features if len(self.blocks) else 0
+        per_block = (t * (4 * d * d + 2 * d * mlp_hidden)   # qkv + proj, fc1 + fc2
+                     + 2 * t * t * d                         # q k^T and attn @ v
+                     + 6 * d * d)                            # adaLN modulation (per sample)
+        embed = t * p2c * d + self.t_embedder.frequency_size * d + d * d
+        final = 2 * d * d + t * d * p2c
+        return self.depth * per_block + embed + final
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W); channel is the fastest index within a patch."""
         n, p, c, g = x.shape[0], self.patch_size, self.out_channels, self.grid

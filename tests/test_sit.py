@@ -229,3 +229,13 @@ def test_sit_learn_sigma_checkpoint_and_flipped_time():
     dst.load_state_dict(convert_sit_state_dict(sd, in_channels=C, patch_size=p))
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 1, 10])
     torch.testing.assert_close(dst(x, t, y), -sit_reference(x, 1 - t, y))
+
+
+@pytest.mark.parametrize("name,gmacs", [("SiT-S/2", 6.06), ("SiT-B/2", 23.01),
+                                        ("SiT-L/2", 80.71), ("SiT-XL/2", 118.64),
+                                        ("SiT-XL/4", 29.05), ("SiT-XL/8", 7.39)])
+def test_forward_macs_match_dit_published(name, gmacs):
+    """DiT (Peebles & Xie, Table 4) publishes these 'Gflops' (MACs) for 256 px (32x32 latents)."""
+    with torch.device("meta"):
+        model = SiT_models[name](input_size=32, num_classes=1000)
+    assert model.forward_macs() / 1e9 == pytest.approx(gmacs, rel=5e-3)
