@@ -28,12 +28,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from losses.interpolant import PATH_TYPES
+from losses.interpolant import path_coefficients as _path_coefficients
+
 # Stream ids mixed into the per-sample seed. 0 and 1 are taken here; callers that need more
 # per-sample randomness (e.g. generate.py's label draw) should use other ids.
 INIT_STREAM = 0   # starting noise x_1
 SDE_STREAM = 1    # Euler-Maruyama increments
 
-PATH_TYPES = ("linear", "cosine")
 FINAL_STEPS = ("drift", "velocity")
 
 # torch.linspace is not correctly rounded (linspace(1, 0, 11)[7] == 0.30000000000000004); without
@@ -113,13 +115,10 @@ class StepNoise:
 # Paths and the score.
 
 def path_coefficients(t: float, path_type: str = "linear") -> tuple[float, float, float, float]:
-    """(a, s, a', s') of x_t = a(t) x + s(t) eps at time t (float64 maths on Python floats)."""
-    if path_type == "linear":
-        return 1.0 - t, t, -1.0, 1.0
-    if path_type == "cosine":
-        h = 0.5 * math.pi
-        return math.cos(h * t), math.sin(h * t), -h * math.sin(h * t), h * math.cos(h * t)
-    raise ValueError(f"unknown path_type {path_type!r}: one of {', '.join(PATH_TYPES)}")
+    """(a, s, a', s') at a scalar time as Python floats (float64), from the one path definition
+    in :mod:`losses.interpolant`."""
+    coeffs = _path_coefficients(torch.tensor(float(t), dtype=torch.float64), path_type)
+    return tuple(float(c) for c in coeffs)
 
 
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float,
