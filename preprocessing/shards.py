@@ -319,6 +319,12 @@ class ShardDataset:
             torch.empty(0, dtype=torch.int64)
         self.index = torch.cat([t["index"] for t in self.shards]) if self.shards else \
             torch.empty(0, dtype=torch.int64)
+        # numpy views for the per-batch bookkeeping in gather()
+        self._offsets_np = self.offsets.numpy()
+        self._labels_np, self._index_np = self.labels.numpy(), self.index.numpy()
+        c = 2 * lat["channels"] if self.key == "moments" else lat["channels"]
+        self._row_shape = (c, lat["height"], lat["width"])
+        self._row_dtype = self.shards[0][self.key].dtype if self.shards else torch.float32
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -340,42 +346,43 @@ class ShardDataset:
         img = self.shards[s]["images"][j]
         return x, y, (img.flip(-1) if flip else img.clone())
 
-    def gather(self, positions: torch.Tensor, flip: torch.Tensor | None = None,
+    def gather(self, positions: torch.Tensor | np.ndarray, flip: torch.Tensor | None = None,
                with_images: bool = False) -> dict[str, torch.Tensor]:
         """Read the stored rows at global ``positions`` (mirrored where ``flip``) in few copies.
 
         Rows are returned sorted by (shard, flip, position) so each shard is read in one
-        ``index_select``; the returned ``position`` tensor says which sample each row is.
+        ``index_select``; the returned ``position`` tensor says which sample each row is. The
+        bookkeeping runs in numpy on small arrays (microseconds); the copies are torch kernels.
         """
-        positions = positions.to(torch.int64)
-        if flip is None:
-            flip = torch.zeros_like(positions, dtype=torch.bool)
-        flip = flip.to(torch.bool) & self.has_flip
-        order = torch.argsort(positions * 2 + flip.long())
-        positions, flip = positions[order], flip[order]
-        shard = torch.searchsorted(self.offsets, positions, right=True) - 1
-        local = positions - self.offsets[shard]
-        group = shard * 2 + flip.long()
-        _, counts = torch.unique_consecutive(group, return_counts=True)
-        n = positions.numel()
-        raw = torch.empty((n,) + tuple(self.shards[0][self.key].shape[1:]),
-                          dtype=self.shards[0][self.key].dtype) if n else torch.empty(0)
+        pos = positions.numpy() if isinstance(positions, torch.Tensor) else np.asarray(positions)
+        pos = pos.astype(np.int64, copy=False)
+        if flip is None or not self.has_flip:
+            f = np.zeros(pos.shape[0], dtype=bool)
+        else:
+            f = (flip.numpy() if isinstance(flip, torch.Tensor) else np.asarray(flip)).astype(bool)
+        order = np.argsort(pos * 2 + f, kind="stable")
+        pos, f = pos[order], f[order]
+        shard = np.searchsorted(self._offsets_np, pos, side="right") - 1
+        local = torch.from_numpy(pos - self._offsets_np[shard])
+        bounds = [0, *(np.flatnonzero(np.diff(shard * 2 + f)) + 1).tolist(), pos.shape[0]]
+        n = pos.shape[0]
+        raw = torch.empty((n,) + self._row_shape, dtype=self._row_dtype)
         imgs = None
         if with_images:
             imgs = torch.empty((n,) + tuple(self.shards[0]["images"].shape[1:]), dtype=torch.uint8)
-        a = 0
-        for c in counts.tolist():
-            b = a + c
-            s, f = int(shard[a]), bool(flip[a])
-            src = self.shards[s][self.key + ("_flip" if f else "")]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a == b:
+                continue
+            s, mirrored = int(shard[a]), bool(f[a])
+            src = self.shards[s][self.key + ("_flip" if mirrored else "")]
             torch.index_select(src, 0, local[a:b], out=raw[a:b])
             if imgs is not None:
                 torch.index_select(self.shards[s]["images"], 0, local[a:b], out=imgs[a:b])
-                if f:
+                if mirrored:
                     imgs[a:b] = imgs[a:b].flip(-1)
-            a = b
-        out = {"raw": raw, "y": self.labels[positions], "position": positions,
-               "index": self.index[positions], "flip": flip}
+        out = {"raw": raw, "y": torch.from_numpy(self._labels_np[pos]),
+               "position": torch.from_numpy(pos), "index": torch.from_numpy(self._index_np[pos]),
+               "flip": torch.from_numpy(f)}
         if imgs is not None:
             out["image"] = imgs
         return out
@@ -467,7 +474,9 @@ class ShardLoader:
         chunk = order[step * gb:(step + 1) * gb]
         per = -(-chunk.numel() // self.world_size)  # a short last batch is split evenly
         mine = chunk[self.rank * per:(self.rank + 1) * per]
-        g = torch.Generator().manual_seed(_mix(self.seed, epoch, step, self.rank, 0xBA7C))
+        need_rng = self.hflip or (self.output == "latents" and self.ds.key == "moments")
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch, step, self.rank, 0xBA7C)) \
+            if need_rng else None
         flip = torch.randint(0, 2, (mine.numel(),), generator=g).bool() if self.hflip else None
         b = self.ds.gather(mine, flip, with_images=self.with_images)
         raw = b.pop("raw")
