@@ -1,11 +1,474 @@
 #!/usr/bin/env python
-"""Sampling entry point (`torchrun generate.py --mode=sde ...`).
+"""Sample a trained SiT into an ADM-format ``samples.npz`` (plus a JSON sidecar).
 
-Not implemented yet: the samplers and ADM-format npz writer arrive with the model and generate
-issues. Until then this script refuses to run rather than pretend.
+Launch with plain ``python``, ``torchrun --nproc_per_node N`` or ``accelerate launch``, on CPU or
+GPU; the output bytes do not depend on the launcher, the number of processes or the batch size::
+
+    torchrun --nproc_per_node 8 generate.py --ckpt RUN_DIR --mode sde --num-steps 250 \\
+        --cfg-scale 1.8 --guidance-high 0.7 --num-fid-samples 50000 --sample-dir samples/run
+
+Checkpoint contract (what ``--ckpt`` may point to)
+--------------------------------------------------
+- a run directory holding ``ema.safetensors`` (the EMA SiT state dict) and ``config.json``;
+- that ``ema.safetensors`` directly (``config.json`` is read from its directory when present);
+- a REPA/SiT-style ``.pt`` file (loaded with ``weights_only=True``; 'ema' entry preferred) or any
+  ``.safetensors`` state dict; without a ``config.json`` next to it, the model comes from the flags
+  (``--model``, ``--resolution``, ``--vae``, ``--num-classes``, ``--qk-norm``, ...; REPA defaults).
+
+``config.json`` keys (at least)::
+
+    {"model": "SiT-B/2",            # a models.sit.SiT_models name
+     "input_size": 32,              # latent (or pixel) side length the model sees
+     "in_channels": 4,
+     "num_classes": 1000,           # null label = num_classes
+     "model_kwargs": {...},         # optional extra SiT kwargs (qk_norm, z_dims, hidden_size, ...)
+     "vae": "stabilityai/sd-vae-ft-ema",   # hub id in the local HF cache, a local dir, or null
+     "latent_scale": 0.18215, "latent_bias": 0.0,   # z = latent * scale + bias (floats or lists)
+     "path_type": "linear"}
+
+``vae: null`` means pixel space: the sampled tensor is the image in [-1, 1]. ``--model`` given
+explicitly and different from the config's name discards the config's size overrides
+(depth/hidden_size/num_heads/patch_size in model_kwargs).
+
+Determinism
+-----------
+Sample i (global index) uses ``samplers`` per-sample seeding with (global_seed, i), so its noise
+never depends on the batch or the rank. Labels for all N samples are computed identically on every
+rank from numpy Generators seeded with ``samplers.sample_seed(global_seed, 0, stream)``:
+
+- ``random`` (stream 2): ``rng.integers(0, C, N)``.
+- ``equal`` (stream 3): every class gets N // C samples; the N mod C remaining samples go one each
+  to the first N mod C classes of ``rng.permutation(C)``; the label list (class-sorted) is then
+  shuffled with ``rng.permutation`` (same generator). With N divisible by C each class has
+  exactly N / C samples.
+
+Resuming
+--------
+Finished batches are written atomically to ``SAMPLE_DIR/parts/START-END.npz`` (images uint8 and
+labels for global indices [START, END)). ``parts/run.json`` records everything the samples depend
+on; a rerun with the same settings skips the indices already covered by parts (whatever batch
+size or process count wrote them) and a rerun with different settings is refused. When all parts
+exist, rank 0 writes ``samples.npz`` (``arr_0`` uint8 (N, H, W, 3) in index order, FIRST array;
+``arr_1`` int64 labels), deterministic zip bytes, atomically, and ``samples.json``.
+
+Pixels: ``clamp(127.5 x + 128, 0, 255)`` truncated to uint8 (``samplers.images_to_uint8``).
+Errors the user can fix (checkpoint/model mismatch, missing VAE, unknown model, ...) exit with
+status 2 and a message, no traceback.
 """
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
 import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+PART_RE = re.compile(r"^(\d+)-(\d+)\.npz$")
+VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+LABEL_STREAMS = {"random": 2, "equal": 3}
+SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
+
+
+class UsageError(Exception):
+    """A problem the user can fix: printed without traceback, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments and the run's configuration.
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode_pos", nargs="?", metavar="ODE|SDE", type=str.lower,
+                   choices=["ode", "sde"], help="sampler (same as --mode)")
+    p.add_argument("--ckpt", required=True, help="run dir, ema.safetensors or a .pt/.safetensors")
+    p.add_argument("--model", default=None, help="SiT size (default: config.json's, else SiT-XL/2)")
+    p.add_argument("--mode", type=str.lower, choices=["ode", "sde"], default=None,
+                   help="sampler (default ode)")
+    p.add_argument("--num-steps", type=int, default=50)
+    p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--guidance-low", type=float, default=0.0)
+    p.add_argument("--guidance-high", type=float, default=1.0)
+    p.add_argument("--path-type", choices=["linear", "cosine"], default=None,
+                   help="default: the run's (config.json), else linear")
+    p.add_argument("--num-fid-samples", type=int, default=50_000)
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--label-sampling", choices=["random", "equal"], default="random")
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="default fp32 (tf32 when REPA's --tf32 is given)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="REPA compatibility: --tf32 means --precision tf32")
+    p.add_argument("--vae", default=None,
+                   help="VAE: 'ema'/'mse' (SD-VAE ft from the local HF cache), a hub id, a local "
+                        "dir, or 'none' for pixel space (default: the run's)")
+    p.add_argument("--sample-dir", default="samples")
+    p.add_argument("--save-png", action="store_true", help="also write SAMPLE_DIR/png/IIIIII.png")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the run's, else 1000")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size, used only without config.json (default 256)")
+    # REPA flags accepted for command-line compatibility.
+    p.add_argument("--encoder-depth", type=int, default=None)
+    p.add_argument("--projector-embed-dims", type=str, default=None)
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=None,
+                   help="ignored (SDPA is always used)")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help="ignored")
+    args = p.parse_args(argv)
+    if args.mode and args.mode_pos and args.mode != args.mode_pos:
+        p.error(f"--mode {args.mode} contradicts the positional {args.mode_pos.upper()}")
+    args.mode = args.mode or args.mode_pos or "ode"
+    if args.precision is None:
+        args.precision = "tf32" if args.tf32 else "fp32"
+    for name in ("num_steps", "num_fid_samples", "per_proc_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.global_seed < 0:
+        p.error("--global-seed must be >= 0")
+    return args
+
+
+def resolve_checkpoint(ckpt: str) -> tuple[Path, dict | None]:
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        weights = path / "ema.safetensors"
+        if not weights.is_file():
+            raise UsageError(f"run directory {path} has no ema.safetensors")
+        cfg_path = path / "config.json"
+    elif path.is_file():
+        weights, cfg_path = path, path.parent / "config.json"
+    else:
+        raise UsageError(f"checkpoint {path} does not exist")
+    config = None
+    if cfg_path.is_file():
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{cfg_path} is not valid JSON: {e}") from None
+    return weights, config
+
+
+def resolve_run(args: argparse.Namespace) -> dict:
+    """Everything needed to build the model and decode, from config.json and the flags."""
+    from models.sit import SiT_models, get_model_config
+
+    weights, config = resolve_checkpoint(args.ckpt)
+    cfg = dict(config or {})
+    model_name = args.model or cfg.get("model") or "SiT-XL/2"
+    if model_name not in SiT_models:
+        raise UsageError(f"unknown model {model_name!r}; known: {', '.join(SiT_models)}")
+    kwargs = dict(cfg.get("model_kwargs") or {})
+    if args.model and cfg.get("model") and args.model != cfg["model"]:
+        for k in SIZE_KEYS:
+            kwargs.pop(k, None)
+    size = get_model_config(model_name)
+    size.update({k: kwargs.pop(k) for k in SIZE_KEYS if k in kwargs})
+
+    if args.vae is not None:
+        vae = None if args.vae.lower() in ("none", "null", "pixel") else \
+            VAE_ALIASES.get(args.vae, args.vae)
+    elif config is not None:
+        vae = cfg.get("vae")
+    else:
+        vae = VAE_ALIASES["ema"]
+    if config is not None and "input_size" in cfg:
+        input_size = int(cfg["input_size"])
+    else:
+        res = args.resolution or 256
+        input_size = res // 8 if vae else res
+    in_channels = int(cfg.get("in_channels", 4 if vae else 3))
+    num_classes = args.num_classes or int(cfg.get("num_classes", 1000))
+    if args.qk_norm is not None:
+        kwargs["qk_norm"] = args.qk_norm
+    if args.encoder_depth is not None:
+        kwargs["encoder_depth"] = args.encoder_depth
+    if args.projector_embed_dims:
+        kwargs["z_dims"] = [int(z) for z in args.projector_embed_dims.split(",") if z]
+    return {"weights": weights, "config": config, "model": model_name, "size": size,
+            "model_kwargs": kwargs, "input_size": input_size, "in_channels": in_channels,
+            "num_classes": num_classes, "vae": vae,
+            "latent_scale": cfg.get("latent_scale", 0.18215),
+            "latent_bias": cfg.get("latent_bias", 0.0),
+            "path_type": args.path_type or cfg.get("path_type", "linear")}
+
+
+def _infer_z_dims(sd: dict) -> list[int]:
+    """Output widths of REPA MLP projectors stored in a checkpoint (projectors.i.<k>.weight)."""
+    dims = {}
+    for k, v in sd.items():
+        m = re.match(r"^(?:module\.)?projectors\.(\d+)\.(\d+)\.weight$", k)
+        if m and v.ndim == 2:
+            i, layer = int(m.group(1)), int(m.group(2))
+            if i not in dims or layer > dims[i][0]:
+                dims[i] = (layer, int(v.shape[0]))
+    return [dims[i][1] for i in sorted(dims)]
+
+
+def build_model(run: dict, device):
+    from models.sit import SiT, load_checkpoint, read_checkpoint
+
+    kwargs = dict(run["model_kwargs"])
+    if "z_dims" not in kwargs and run["config"] is None:
+        try:  # REPA checkpoints carry projectors: build them so the strict load can match.
+            kwargs["z_dims"] = _infer_z_dims(read_checkpoint(run["weights"]))
+        except Exception:
+            pass
+    try:
+        model = SiT(input_size=run["input_size"], in_channels=run["in_channels"],
+                    num_classes=run["num_classes"], **run["size"], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"cannot build {run['model']} with {kwargs}: {e}") from None
+    try:
+        load_checkpoint(model, run["weights"])
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"checkpoint does not match model {run['model']}: {e}") from None
+    except Exception as e:  # unreadable / corrupt file
+        raise UsageError(f"cannot read checkpoint {run['weights']}: {e}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels, parts, npz bytes.
+
+def make_labels(n: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
+    """All N labels (int64), identical on every rank; rules in the module docstring."""
+    from samplers import sample_seed
+    rng = np.random.default_rng(sample_seed(seed, 0, LABEL_STREAMS[mode]))
+    if mode == "random":
+        return rng.integers(0, num_classes, size=n, dtype=np.int64)
+    q, r = divmod(n, num_classes)
+    counts = np.full(num_classes, q, dtype=np.int64)
+    counts[rng.permutation(num_classes)[:r]] += 1
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), counts)
+    return labels[rng.permutation(n)]
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An uncompressed .npz like np.savez, but with fixed zip timestamps: same arrays, same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def scan_parts(parts_dir: Path, n: int) -> list[tuple[int, int]]:
+    """Ranges [start, end) of finished, readable part files within [0, n)."""
+    done = []
+    if not parts_dir.is_dir():
+        return done
+    for f in sorted(parts_dir.iterdir()):
+        m = PART_RE.match(f.name)
+        if not m:
+            continue
+        s, e = int(m.group(1)), int(m.group(2))
+        if not 0 <= s < e <= n:
+            continue
+        try:
+            with np.load(f) as z:
+                if z["images"].shape[0] != e - s or z["labels"].shape[0] != e - s:
+                    continue
+        except Exception:
+            continue
+        done.append((s, e))
+    return done
+
+
+def pending_chunks(n: int, done: list[tuple[int, int]], batch: int) -> list[tuple[int, int]]:
+    """Contiguous runs of indices not covered by ``done``, cut into chunks of at most ``batch``."""
+    covered = np.zeros(n, dtype=bool)
+    for s, e in done:
+        covered[s:e] = True
+    chunks, i = [], 0
+    while i < n:
+        if covered[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not covered[j] and j - i < batch:
+            j += 1
+        chunks.append((i, j))
+        i = j
+    return chunks
+
+
+def run_spec(args, run: dict, ckpt_sha: str) -> dict:
+    """Everything the sample bytes depend on (parts/run.json and the samples.json sidecar)."""
+    import torch
+    return {"checkpoint": str(Path(run["weights"]).resolve()), "checkpoint_sha256": ckpt_sha,
+            "model": run["model"], "model_size": run["size"], "model_kwargs": run["model_kwargs"],
+            "input_size": run["input_size"], "in_channels": run["in_channels"],
+            "num_classes": run["num_classes"], "vae": run["vae"],
+            "latent_scale": run["latent_scale"], "latent_bias": run["latent_bias"],
+            "mode": args.mode, "num_steps": args.num_steps, "heun": args.heun,
+            "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low,
+            "guidance_high": args.guidance_high, "path_type": run["path_type"],
+            "global_seed": args.global_seed, "label_sampling": args.label_sampling,
+            "precision": args.precision, "num_fid_samples": args.num_fid_samples,
+            "torch_version": torch.__version__}
+
+
+# ----------------------------------------------------------------------------------------------
+# Main.
+
+def _broadcast(obj, state):
+    if state.num_processes == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from accelerate import PartialState
+
+    from models.vae import WeightsNotFound, load_vae
+    from preprocessing.shards import atomic_write_bytes, atomic_write_json, sha256_file
+    from samplers import images_to_uint8, sample_ode, sample_sde
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device, rank, world = state.device, state.process_index, state.num_processes
+    is_main = state.is_main_process
+
+    # Runtime switches, in one place.
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+
+    run = resolve_run(args)
+    model = build_model(run, device)
+    vae = None
+    vae_ident = None
+    if run["vae"] is not None:
+        try:
+            vae, vae_ident = load_vae(run["vae"], device)
+        except WeightsNotFound as e:
+            raise UsageError(f"missing VAE: {e}") from None
+        except ImportError as e:
+            raise UsageError(str(e)) from None
+    n, c = args.num_fid_samples, run["num_classes"]
+    sample_dir = Path(args.sample_dir)
+    parts_dir = sample_dir / "parts"
+
+    # Rank 0 checks the sample dir belongs to this run and lists finished parts; all ranks get
+    # the same work list (scanning on every rank would race with early writers).
+    if is_main:
+        spec = run_spec(args, run, sha256_file(run["weights"]))
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = parts_dir / "run.json"
+        err = None
+        if spec_path.is_file():
+            old = json.loads(spec_path.read_text())
+            diff = sorted(k for k in set(old) | set(spec)
+                          if k != "torch_version" and old.get(k) != spec.get(k))
+            if diff:
+                err = (f"{sample_dir} holds parts of a different run (differs in: "
+                       f"{', '.join(diff)}); use another --sample-dir or delete {parts_dir}")
+        else:
+            atomic_write_json(spec_path, spec)
+        done = [] if err else scan_parts(parts_dir, n)
+        msg = (err, done, spec)
+    else:
+        msg = None
+    err, done, spec = _broadcast(msg, state)
+    if err:
+        raise UsageError(err)
+    labels = make_labels(n, c, args.label_sampling, args.global_seed)
+    chunks = pending_chunks(n, done, args.per_proc_batch_size)
+    mine = chunks[rank::world]
+    if is_main:
+        n_done = sum(e - s for s, e in done)
+        print(f"generate: {run['model']} {args.mode} steps={args.num_steps} cfg={args.cfg_scale} "
+              f"[{args.guidance_low}, {args.guidance_high}] N={n} processes={world} "
+              f"device={device} precision={args.precision}; {n_done} samples already done, "
+              f"{n - n_done} to go", flush=True)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=sum(e - s for s, e in mine), disable=not is_main, desc="sampling")
+    sampler = sample_sde if args.mode == "sde" else sample_ode
+    shape_one = (run["in_channels"], run["input_size"], run["input_size"])
+    delay = float(os.environ.get("GENERATE_TEST_PART_DELAY", "0"))  # test hook (kill/resume)
+    for s, e in mine:
+        y = torch.from_numpy(labels[s:e]).to(device)
+        with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+              else contextlib.nullcontext()):
+            out = sampler(model, (e - s, *shape_one), num_steps=args.num_steps, heun=args.heun,
+                          cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                          guidance_high=args.guidance_high, y=y, seed=args.global_seed,
+                          indices=range(s, e), path_type=run["path_type"], vae=vae,
+                          latent_scale=run["latent_scale"], latent_bias=run["latent_bias"])
+        images = out["images"] if isinstance(out, dict) else out.float().clamp(-1, 1)
+        arr = images_to_uint8(images).numpy()
+        atomic_write_bytes(parts_dir / f"{s:07d}-{e:07d}.npz",
+                           npz_bytes({"images": arr, "labels": labels[s:e]}))
+        bar.update(e - s)
+        if delay:
+            time.sleep(delay)
+    bar.close()
+    state.wait_for_everyone()
+
+    if is_main:
+        assemble(sample_dir, parts_dir, n, labels, spec, args, vae_ident,
+                 atomic_write_bytes, atomic_write_json)
+    state.wait_for_everyone()
+    return 0
+
+
+def assemble(sample_dir, parts_dir, n, labels, spec, args, vae_ident, write_bytes, write_json):
+    images = None
+    covered = np.zeros(n, dtype=bool)
+    for s, e in scan_parts(parts_dir, n):
+        with np.load(parts_dir / f"{s:07d}-{e:07d}.npz") as z:
+            part, lab = z["images"], z["labels"]
+        if images is None:
+            images = np.zeros((n, *part.shape[1:]), dtype=np.uint8)
+        if not np.array_equal(lab, labels[s:e]):
+            raise UsageError(f"part {s}-{e} has labels that do not match this run")
+        images[s:e] = part
+        covered[s:e] = True
+    if images is None or not covered.all():
+        missing = int((~covered).sum())
+        raise UsageError(f"{missing} samples have no finished part in {parts_dir}; rerun")
+    out = sample_dir / "samples.npz"
+    write_bytes(out, npz_bytes({"arr_0": images, "arr_1": labels.astype(np.int64)}))
+    side = dict(spec, file="samples.npz", samples_sha256=None, image_shape=list(images.shape),
+                vae_ident=vae_ident, sampler_args={"per_proc_batch_size_last":
+                                                   args.per_proc_batch_size})
+    from preprocessing.shards import sha256_file
+    side["samples_sha256"] = sha256_file(out)
+    write_json(sample_dir / "samples.json", side)
+    if args.save_png:
+        from PIL import Image
+        png = sample_dir / "png"
+        png.mkdir(exist_ok=True)
+        for i in range(n):
+            Image.fromarray(images[i]).save(png / f"{i:06d}.png")
+    print(f"wrote {out} ({n} images {images.shape[1]}x{images.shape[2]}) and samples.json",
+          flush=True)
+
+
+def cli(argv=None) -> int:
+    try:
+        return main(argv)
+    except UsageError as e:
+        print(f"generate.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
 
 if __name__ == "__main__":
-    sys.exit("generate.py is not implemented yet: this checkout has the data pipeline only "
-             "(preprocessing/encode.py and the shard reader). See README, 'Status'.")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(cli())
