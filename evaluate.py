@@ -509,27 +509,6 @@ def format_metrics(m: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------------------------
 # make-reference: write an ADM reference batch (arr_0 + statistics).
 
-class _FolderItems(torch.utils.data.Dataset):
-    def __init__(self, source, order: np.ndarray, size: int):
-        self.source, self.order, self.size = source, order, size
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, k: int):
-        from preprocessing.sources import load_and_crop
-
-        i = int(self.order[k])
-        try:
-            return load_and_crop(self.source, i, self.size)[0], None
-        except Exception as e:  # noqa: BLE001 -- unreadable images are reported and skipped
-            return None, f"{self.source.name(i)}: {type(e).__name__}: {e}"
-
-
-def _as_list(items: list) -> list:
-    return items
-
-
 class _FolderImages:
     """An image folder, ADM centre-cropped, in a seeded random order (so the first 10k are a
     random subset, not the first classes); unreadable images are skipped and counted."""
@@ -548,12 +527,15 @@ class _FolderImages:
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         order = self.order[:limit] if limit else self.order
+        from preprocessing.sources import CroppedItems, collate_list
+
         loader = torch.utils.data.DataLoader(
-            _FolderItems(self.source, order, self.size), batch_size=batch_size,
-            num_workers=self.num_workers, collate_fn=_as_list)
+            CroppedItems(self.source, order, self.size), batch_size=batch_size,
+            num_workers=self.num_workers, collate_fn=collate_list)
         for items in loader:
-            good = [a for a, err in items if err is None]
-            self.failed += [err for a, err in items if err is not None]
+            good = [a for _, a, _, err in items if err is None]
+            self.failed += [f"{self.source.name(int(order[k]))}: {err}"
+                            for k, _, _, err in items if err is not None]
             if good:
                 yield np.stack(good)
 

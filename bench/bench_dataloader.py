@@ -334,7 +334,7 @@ def profile_batch(shard_dir: Path, batch_size: int, threads: int, reps: int = 30
         return order[k * batch_size:(k + 1) * batch_size]
 
     def generator(k: int) -> None:
-        torch.Generator().manual_seed(fmt._mix(0, 0, k, 0, 0xBA7C))
+        torch.Generator().manual_seed(fmt.mix_seed(0, 0, k, 0, 0xBA7C))
 
     def bookkeeping(k: int) -> None:
         p = pos(k)
@@ -365,7 +365,7 @@ def profile_batch(shard_dir: Path, batch_size: int, threads: int, reps: int = 30
     res = {"threads": threads,
            "ShardLoader._batch (whole batch)": med(lambda k: loader._batch(0, k)),
            "ShardDataset.gather": med(lambda k: ds.gather(pos(k))),
-           "  per-batch generator (_mix + manual_seed)": med(generator),
+           "  per-batch generator (mix_seed + manual_seed)": med(generator),
            "  bookkeeping (sort, lookup, group, alloc)": med(bookkeeping),
            "  index_select copies alone": med(copies),
            "  labels + index gathers": med(side),

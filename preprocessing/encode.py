@@ -14,6 +14,7 @@ their sha256 and skipped on rerun; manifest.json is written last and marks compl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -29,15 +30,11 @@ import numpy as np
 import torch
 
 from preprocessing import shards as fmt
-from preprocessing.sources import SourceError, load_and_crop, open_source
+from preprocessing.sources import CroppedItems, SourceError, collate_list, open_source
 from models.vae import encode_moments, load_vae
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-# Keys whose change alters shard content; anything else (batch size, workers) may change on rerun.
-CONFIG_KEYS = ("format_version", "source", "resolution", "crop", "vae", "store", "dtype", "hflip",
-               "store_images", "shard_size", "max_images", "seed", "shuffle", "latent_scale",
-               "latent_bias")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Destination: refuse foreign content, find finished shards.
 
 def _config_diff(old: dict, new: dict) -> list[str]:
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in CONFIG_KEYS if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
 
 
 def check_dest(dest: Path, config: dict, overwrite: bool, is_main: bool) -> dict | None:
@@ -163,30 +161,8 @@ def finished_record(dest: Path, shard: int, old_manifest: dict | None,
 
 def sample_noise(seed: int, index: int, flip: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The --store sample noise of source item ``index`` (flip 0/1): independent of batching."""
-    g = torch.Generator().manual_seed(fmt._mix(seed, index, flip, 0xE5C0))
+    g = torch.Generator().manual_seed(fmt.mix_seed(seed, index, flip, 0xE5C0))
     return torch.randn(shape, generator=g)
-
-
-class _Items(torch.utils.data.Dataset):
-    """Decodes and crops source items in DataLoader workers; failures come back as messages."""
-
-    def __init__(self, source, positions: np.ndarray, size: int):
-        self.source, self.positions, self.size = source, positions, size
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, k: int):
-        i = int(self.positions[k])
-        try:
-            arr, small = load_and_crop(self.source, i, self.size)
-            return k, arr, small, None
-        except Exception as e:  # noqa: BLE001 -- any decode failure is reported, not fatal
-            return k, None, False, f"{type(e).__name__}: {e}"
-
-
-def _collate(items):
-    return items
 
 
 def encode_batch(vae, arrs: list[np.ndarray], index: list[int], args, device) -> dict:
@@ -313,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "latent_scale": default_scale if args.latent_scale is None else args.latent_scale,
         "latent_bias": args.latent_bias,
     }
-    config_sha = fmt.hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
     if is_main:
         print("encode config:\n" + json.dumps(config, indent=1, sort_keys=True), flush=True)
@@ -353,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     loader = torch.utils.data.DataLoader(
-        _Items(source, positions, args.resolution), batch_sampler=[b for _, b, _ in plan],
-        num_workers=args.num_workers if len(plan) else 0, collate_fn=_collate,
+        CroppedItems(source, positions, args.resolution), batch_sampler=[b for _, b, _ in plan],
+        num_workers=args.num_workers if len(plan) else 0, collate_fn=collate_list,
         persistent_workers=False)
     bar = tqdm(total=len(positions), unit="img", disable=not is_main or not len(positions),
                dynamic_ncols=True,

@@ -269,7 +269,7 @@ def latents_from_raw(raw: torch.Tensor, key: str, scale: torch.Tensor, bias: tor
     return z * scale.to(raw.device) + bias.to(raw.device)
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from several integers (SeedSequence avoids correlated nearby seeds)."""
     return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values])
                .generate_state(2, np.uint32).view(np.uint64)[0] >> np.uint64(1))
@@ -457,7 +457,7 @@ class ShardLoader:
         if not self.shuffle:
             order = torch.arange(len(self.ds))
         else:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5A4D))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5A4D))
             shard_perm = torch.randperm(n_shards, generator=g).tolist()
             parts = []
             for w in range(0, n_shards, self.shard_window):
@@ -475,7 +475,7 @@ class ShardLoader:
         per = -(-chunk.numel() // self.world_size)  # a short last batch is split evenly
         mine = chunk[self.rank * per:(self.rank + 1) * per]
         need_rng = self.hflip or (self.output == "latents" and self.ds.key == "moments")
-        g = torch.Generator().manual_seed(_mix(self.seed, epoch, step, self.rank, 0xBA7C)) \
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank, 0xBA7C)) \
             if need_rng else None
         flip = torch.randint(0, 2, (mine.numel(),), generator=g).bool() if self.hflip else None
         b = self.ds.gather(mine, flip, with_images=self.with_images)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 # Images whose aspect ratio exceeds this would need an enormous intermediate when resized
@@ -67,6 +68,32 @@ def load_and_crop(src: "Source", i: int, size: int) -> tuple[np.ndarray, bool]:
     if max(w, h) / min(w, h) > MAX_ASPECT:
         raise ValueError(f"aspect ratio {w}x{h} exceeds {MAX_ASPECT:g}:1")
     return adm_center_crop(img, size), min(w, h) < size
+
+
+class CroppedItems(torch.utils.data.Dataset):
+    """Source items at ``positions``, decoded and ADM-cropped (in DataLoader workers).
+
+    Item k is ``(k, uint8 HxWx3 or None, upsampled?, error message or None)``: an unreadable
+    image comes back as a message for the caller's report instead of stopping the loader.
+    """
+
+    def __init__(self, source: "Source", positions: np.ndarray, size: int):
+        self.source, self.positions, self.size = source, positions, size
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k: int) -> tuple[int, np.ndarray | None, bool, str | None]:
+        try:
+            arr, small = load_and_crop(self.source, int(self.positions[k]), self.size)
+            return k, arr, small, None
+        except Exception as e:  # noqa: BLE001 -- any decode failure is reported, not fatal
+            return k, None, False, f"{type(e).__name__}: {e}"
+
+
+def collate_list(items: list) -> list:
+    """DataLoader collate that keeps the items as they are (arrays of varying validity)."""
+    return items
 
 
 def _image_extensions() -> set[str]:
