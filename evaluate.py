@@ -54,6 +54,7 @@ from models.inception import (RESOLUTION, FIDInceptionV3, load_inception)  # noq
 from models.vae import WeightsNotFound  # noqa: E402
 from preprocessing.shards import ShardFormatError  # noqa: E402
 from preprocessing.sources import SourceError  # noqa: E402
+from runtime import strict_fp32  # noqa: E402
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 IS_SPLIT_SIZE = 5000
@@ -172,31 +173,6 @@ class _ArrayImages:
 # ----------------------------------------------------------------------------------------------
 # Inception activations and their moments.
 
-@contextlib.contextmanager
-def ieee_fp32(device: torch.device) -> Iterator[None]:
-    """No TF32 in cuDNN convolutions or cuBLAS matmuls in the body (CUDA only); restored after."""
-    b = torch.backends
-    if device.type != "cuda":
-        yield
-        return
-    try:  # torch >= 2.9 refuses to read one API after the other was used to set the flags
-        new = (b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision)
-    except (AttributeError, RuntimeError):
-        new = None
-    if new is not None:
-        b.cudnn.conv.fp32_precision = b.cuda.matmul.fp32_precision = "ieee"
-    else:
-        legacy = (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)
-        b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        if new is not None:
-            b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = new
-        else:
-            b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = legacy
-
-
 class Moments:
     """Running mean and N-1 covariance in float64 (Chan's batch merge: no cancellation)."""
 
@@ -245,8 +221,8 @@ def compute_activations(images: Any, model: FIDInceptionV3, batch_size: int = 10
     pool = np.empty((keep, model.fc.in_features), np.float32)
     m_pool, m_spatial = Moments(), Moments()
     done = 0
-    with ieee_fp32(device), tqdm(total=n, unit="img", desc=desc, disable=not progress,
-                                 file=sys.stderr) as bar:
+    with strict_fp32(device.type, convs=True), tqdm(total=n, unit="img", desc=desc,
+                                                    disable=not progress, file=sys.stderr) as bar:
         for batch in src.batches(batch_size, n):
             if on_batch is not None:
                 on_batch(batch)
@@ -494,7 +470,7 @@ def compute_metrics(sample_images: Any, reference_images_or_stats: Any, model: F
     elif min(len(ref_acts["pool3"]), len(smp_acts["pool3"])) <= k:
         warnings.warn(f"precision/recall need more than k={k} images in each set")
     else:
-        with ieee_fp32(device):
+        with strict_fp32(device.type, convs=True):
             out["precision"], out["recall"] = precision_recall(
                 ref_acts["pool3"], smp_acts["pool3"], k, device)
     return out

@@ -27,10 +27,11 @@ term and leaves two memory-bound passes over the bank (dot products, weighted su
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable, Iterator
 
 import torch
+
+from runtime import strict_fp32
 
 from .interpolant import interpolate, path_coefficients, sample_time
 
@@ -38,47 +39,6 @@ __all__ = ["MemoryBank", "stable_target", "stable_target_efficient", "build_stab
            "strict_fp32"]
 
 PREFILL_MODES = ("full", "one_per_class")
-
-
-# ----------------------------------------------------------------------------------------------
-# Numerics switches.
-
-@contextlib.contextmanager
-def strict_fp32(device_type: str = "cpu") -> Iterator[None]:
-    """Run the body with IEEE fp32 matmuls (no TF32 on cuBLAS, no TF32/bf16 on oneDNN) and no
-    autocast; restore the previous settings afterwards, even on error.
-
-    torch >= 2.9 refuses to *read* the legacy switches (``allow_tf32``,
-    ``get_float32_matmul_precision``) once the new per-backend ``fp32_precision`` API was used to
-    set them, and vice versa. So the settings are saved and restored through whichever API the
-    caller's current state can be read with, and nothing is written when it is already strict.
-    The body contains no convolutions, so cuDNN's switch is left alone. These are process-wide
-    flags: another thread's matmuls during the body also run in IEEE fp32.
-    """
-    backends = torch.backends
-    saved_legacy: tuple[str, bool] | None = None
-    saved_new: tuple[str, str] | None = None
-    try:
-        legacy = (torch.get_float32_matmul_precision(), backends.cuda.matmul.allow_tf32)
-    except RuntimeError:  # the caller used the new API: stay with it
-        saved_new = (backends.cuda.matmul.fp32_precision, backends.mkldnn.matmul.fp32_precision)
-        backends.cuda.matmul.fp32_precision = "ieee"
-        backends.mkldnn.matmul.fp32_precision = "ieee"
-    else:
-        if legacy != ("highest", False):
-            saved_legacy = legacy
-            torch.set_float32_matmul_precision("highest")  # also turns cuBLAS TF32 off
-    try:
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-    finally:
-        if saved_legacy is not None:
-            torch.set_float32_matmul_precision(saved_legacy[0])
-            if backends.cuda.matmul.allow_tf32 != saved_legacy[1]:
-                backends.cuda.matmul.allow_tf32 = saved_legacy[1]
-        if saved_new is not None:
-            backends.cuda.matmul.fp32_precision = saved_new[0]
-            backends.mkldnn.matmul.fp32_precision = saved_new[1]
 
 
 def _require(cond: torch.Tensor, msg: str) -> None:
