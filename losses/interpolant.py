@@ -118,19 +118,25 @@ def sample_time(n: int, sampler: str = "uniform", *, path_type: str = "linear",
 
 
 def si_loss(pred: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float,
-            path_type: str = "linear", weight: torch.Tensor | None = None
-            ) -> dict[str, torch.Tensor]:
+            path_type: str = "linear", weight: torch.Tensor | None = None,
+            target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Velocity-matching loss. Returns ``{'loss': scalar, 'per_sample': (B,)}``.
 
-    per_sample = weight_b * mean over non-batch dims of (pred - v)^2, loss = its batch mean.
+    per_sample = weight_b * mean over non-batch dims of (pred - v)^2, loss = its batch mean, with
+    v = a'(t) x + s'(t) eps, or ``target`` when given (e.g. the StableVM target).
     ``weight`` is an optional per-sample (B,) weighting, independent of how t was sampled.
     Reductions run in at least fp32 (a bf16 prediction from autocast is upcast).
     """
     if pred.shape != x.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and data {tuple(x.shape)} differ")
     dtype = torch.promote_types(torch.promote_types(pred.dtype, x.dtype), torch.float32)
-    x, eps = x.to(dtype), eps.to(dtype)
-    _, v = interpolate(x, eps, t, path_type)
+    if target is None:
+        x, eps = x.to(dtype), eps.to(dtype)
+        _, v = interpolate(x, eps, t, path_type)
+    elif target.shape != pred.shape:
+        raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ")
+    else:
+        v = target.to(dtype)
     per_sample = (pred.to(dtype) - v).square().flatten(1).mean(dim=1)
     if weight is not None:
         weight = torch.as_tensor(weight, device=per_sample.device)

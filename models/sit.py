@@ -343,7 +343,8 @@ def get_model_config(name: str) -> dict:
 
 def _factory(name: str):
     def make(**kwargs) -> SiT:
-        return SiT(**get_model_config(name), **kwargs)
+        # size keys may be overridden (e.g. depth=4 for a tiny test model)
+        return SiT(**{**get_model_config(name), **kwargs})
     make.__name__ = name.replace("-", "_").replace("/", "_")
     make.__doc__ = f"{name}: depth/hidden/heads/patch = {tuple(get_model_config(name).values())}"
     return make
