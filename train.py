@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -390,7 +391,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         from safetensors.torch import load_file
-        ema.load_state_dict(load_file(resume_from / "ema.safetensors", device=str(device)))
+        ema.load_state_dict(load_file(resume_from / "ema.safetensors"))  # copies onto device
         mine = json.loads((resume_from / f"rank-{rank}.json").read_text())
         step = int(mine["step"])
         loader.load_state_dict(mine["loader"])
@@ -417,6 +418,8 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
             tmp.mkdir()
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        if os.environ.get("TRAIN_TEST_KILL_IN_CHECKPOINT") == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with a half-written checkpoint
         state = {"step": step, "loader": loader.state_dict(),
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None}
         atomic_write_text(tmp / f"rank-{rank}.json", json.dumps(state))
