@@ -2,6 +2,7 @@
 
     python evaluate.py SAMPLES.npz REFERENCE.npz --inception pt_inception-2015-12-05-6726825d.pth
     python evaluate.py make-reference SOURCE OUT.npz --inception PATH [--max-images N]
+    python evaluate.py digits-accuracy SAMPLES.npz     (models trained on the sklearn digits)
 
 The numbers follow guided-diffusion's ``evaluations/evaluator.py`` (DESIGN.md section 8):
 
@@ -724,11 +725,73 @@ def main_make_reference(argv: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# digits-accuracy: does a model trained on scikit-learn's digits draw the class it was asked for?
+
+def digits_to_features(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) digit images (H, W multiples of 8) -> (N, 64) in sklearn's 0..16 scale.
+
+    Inverts encode.py's digits path: grey = mean over RGB, H x W area-averaged to 8 x 8, and
+    uint8 u = round(v * 255 / 16) -> v = u * 16 / 255.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % 8 or images.shape[2] % 8:
+        raise ValueError(f"expected uint8 (N, H, W, 3) with H, W multiples of 8, got "
+                         f"{images.shape}")
+    n, h, w, _ = images.shape
+    grey = images.astype(np.float64).mean(axis=-1)
+    grey = grey.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))
+    return (grey * 16.0 / 255.0).reshape(n, 64)
+
+
+def digits_accuracy(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """Accuracy of an SVM fitted on half of the real sklearn digits (the other half gives its own
+    held-out accuracy) at recognising ``labels`` in generated ``images``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+    real = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(real.data, real.target, test_size=0.5,
+                                              random_state=seed, stratify=real.target)
+    clf = SVC(gamma=0.001, C=10.0).fit(x_tr, y_tr)
+    pred = clf.predict(digits_to_features(images))
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != pred.shape[0]:
+        raise ValueError(f"{pred.shape[0]} images but {labels.shape[0]} labels")
+    per_class = {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
+    return {"accuracy": float((pred == labels).mean()), "per_class": per_class,
+            "real_heldout_accuracy": float(clf.score(x_te, y_te)), "num_images": int(len(pred))}
+
+
+def main_digits_accuracy(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py digits-accuracy",
+        description="Fraction of generated digits (samples.npz from a model trained on the "
+                    "sklearn digits) that an SVM fitted on real digits assigns to their label.")
+    p.add_argument("samples", help="samples .npz with arr_0 images and arr_1 labels")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    args = p.parse_args(argv)
+    with np.load(args.samples) as z:
+        if "arr_1" not in z:
+            raise ValueError(f"{args.samples} has no labels (arr_1); sample with generate.py")
+        images, labels = z["arr_0"], z["arr_1"]
+    res = digits_accuracy(images, labels)
+    print(f"generated digits recognised as their class: {100 * res['accuracy']:.1f}% of "
+          f"{res['num_images']} (classifier on held-out real digits: "
+          f"{100 * res['real_heldout_accuracy']:.1f}%)")
+    print("per class: " + ", ".join(f"{c}: {100 * a:.0f}%" for c, a in res["per_class"].items()))
+    if args.json:
+        from preprocessing.shards import atomic_write_json
+        atomic_write_json(args.json, {**res, "samples": str(args.samples)})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] == "make-reference":
             return main_make_reference(argv[1:])
+        if argv and argv[0] == "digits-accuracy":
+            return main_digits_accuracy(argv[1:])
         return main_evaluate(argv)
     except (WeightsNotFound, FileNotFoundError, ValueError, ShardFormatError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -119,6 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder-depth", type=int, default=None)
     p.add_argument("--projector-embed-dims", type=str, default=None)
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--use-projector", action="store_true",
+                   help="StableVM: the checkpoint holds projectors (built from "
+                        "--projector-embed-dims, or inferred); they are not run at sampling")
+    p.add_argument("--use-irepa", action="store_true",
+                   help="StableVM/iREPA: the checkpoint's projectors are convolutions")
     p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=None,
                    help="ignored (SDPA is always used)")
     p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help="ignored")
@@ -192,6 +197,8 @@ def resolve_run(args: argparse.Namespace) -> dict:
         kwargs["encoder_depth"] = args.encoder_depth
     if args.projector_embed_dims:
         kwargs["z_dims"] = [int(z) for z in args.projector_embed_dims.split(",") if z]
+    if args.use_irepa:
+        kwargs["projector_type"] = "conv"
     return {"weights": weights, "config": config, "model": model_name, "size": size,
             "model_kwargs": kwargs, "input_size": input_size, "in_channels": in_channels,
             "num_classes": num_classes, "vae": vae,
@@ -216,11 +223,16 @@ def build_model(run: dict, device):
     from models.sit import SiT, load_checkpoint, read_checkpoint
 
     kwargs = dict(run["model_kwargs"])
-    if "z_dims" not in kwargs and run["config"] is None:
-        try:  # REPA checkpoints carry projectors: build them so the strict load can match.
-            kwargs["z_dims"] = _infer_z_dims(read_checkpoint(run["weights"]))
-        except Exception:
-            pass
+    try:
+        stored = read_checkpoint(run["weights"])
+    except Exception:
+        stored = None  # reported by load_checkpoint below
+    if stored is not None:
+        if not any(".projectors." in "." + k for k in stored):
+            kwargs.pop("z_dims", None)  # no projectors stored (e.g. our ema.safetensors)
+        elif "z_dims" not in kwargs and run["config"] is None:
+            # REPA checkpoints carry projectors: build them so the strict load can match.
+            kwargs["z_dims"] = _infer_z_dims(stored)
     try:
         model = SiT(input_size=run["input_size"], in_channels=run["in_channels"],
                     num_classes=run["num_classes"], **run["size"], **kwargs)
