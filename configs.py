@@ -150,6 +150,10 @@ class TrainingConfig:
                          group="run")
     peak_tflops: float | None = _f(None, "device peak for the MFU estimate (default: known GPUs)",
                                    group="run")
+    wandb: bool = _f(False, "SiT/DispLoss compatibility: --report-to wandb, with WANDB_KEY, "
+                     "WANDB_ENTITY and WANDB_PROJECT read from the environment", group="run")
+    ckpt: str | None = _f(None, "SiT/DispLoss compatibility: a checkpoint directory to resume, or a "
+                          "SiT/REPA weights file (.pt/.safetensors) to start from", group="run")
     dry_run: bool = _f(False, "print the resolved configuration and exit", group="run")
 
     def to_dict(self) -> dict:

@@ -47,18 +47,15 @@ RESUME_KEYS = ("model", "depth", "hidden_size", "num_heads", "qk_norm", "num_cla
                "latent_norm", "mixed_precision")
 
 
+VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
 class UsageError(Exception):
     """A problem the user can fix: printed without traceback, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers (pure, or file-level); the loop itself is in train().
-
-def mix(*values: int) -> int:
-    """Seed of one random stream; same mixer as the shard reader."""
-    from preprocessing.shards import mix_seed
-    return mix_seed(*values)
-
 
 def lr_at(step: int, cfg: TrainingConfig, total: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant/cosine."""
@@ -212,6 +209,14 @@ def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> Trai
         cfg.num_classes = manifest["num_classes"]
         if cfg.vae is None and manifest.get("vae"):
             cfg.vae = manifest["vae"]["vae"]
+    if cfg.wandb:
+        cfg.report_to = "wandb"
+    if cfg.vae in VAE_ALIASES:
+        cfg.vae = VAE_ALIASES[cfg.vae]
+    if cfg.ckpt and not Path(cfg.ckpt).exists():
+        raise UsageError(f"--ckpt {cfg.ckpt} does not exist")
+    if cfg.ckpt and not cfg.resume and Path(cfg.ckpt).is_dir():
+        cfg.resume = cfg.ckpt  # SiT/DispLoss: --ckpt names what to continue from
     if cfg.exp_name is None:
         cfg.exp_name = default_exp_name(cfg)
     for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
@@ -269,7 +274,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
             print(msg, flush=True)
 
     # -- data -----------------------------------------------------------------------------------
-    from preprocessing.shards import ShardDataset, ShardLoader
+    from preprocessing.shards import ShardDataset, ShardLoader, mix_seed
     try:
         dataset = ShardDataset(cfg.data_dir, cfg.latent_norm, with_images=cfg.use_proj_loss)
     except ValueError as e:  # e.g. REPA without stored images
@@ -312,20 +317,25 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         raise UsageError(f"{cfg.model} does not fit the shards in {cfg.data_dir} "
                          f"({latent_shape[0]} channels, {latent_shape[1]}x{latent_shape[2]}): {e}"
                          ) from None
+    if cfg.ckpt and Path(cfg.ckpt).is_file():
+        from models.sit import load_checkpoint
+        try:  # projectors may differ (e.g. REPA weights into a run without REPA)
+            load_checkpoint(model, cfg.ckpt, strict=False)
+        except (ValueError, KeyError, OSError) as e:
+            raise UsageError(f"--ckpt {cfg.ckpt}: {e}") from None
+        say_later = f"initialised the model (and EMA) from {cfg.ckpt}"
+    else:
+        say_later = None
     depth = model.depth
     for enc in encoders:
         say(check_token_grid(enc, model.grid))
-    disp = None
-    if cfg.disp:
-        from configs import resolve_dispersive_blocks
-        from losses import DispersiveLoss
-        try:
-            disp = DispersiveLoss(cfg.disp_lambda, cfg.disp_tau, cfg.disp_variant,
-                                  resolve_dispersive_blocks(cfg.disp_blocks, depth),
-                                  gather=cfg.disp_gather)
+    from training import dispersive_from_config, step_generator
+    try:
+        disp = dispersive_from_config(cfg, depth)
+        if disp is not None:
             disp.feature_blocks(depth)
-        except ValueError as e:
-            raise UsageError(f"--disp: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"--disp: {e}") from None
     align = None
     if encoders:
         from losses.objective import AlignmentTerm
@@ -471,10 +481,21 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         write_grid(images_to_uint8(images), run_dir / "samples" / f"step-{step:07d}.png")
 
     # -- trackers -------------------------------------------------------------------------------
+    if say_later:
+        say(say_later)
     if tracker is not None:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                 for k, v in cfg.to_dict().items()}
-        accelerator.init_trackers(cfg.exp_name, config=flat)
+        init_kwargs = {}
+        if tracker == "wandb":
+            import wandb
+            if os.environ.get("WANDB_KEY"):
+                wandb.login(key=os.environ["WANDB_KEY"])
+            init_kwargs = {"wandb": {"entity": os.environ.get("WANDB_ENTITY"),
+                                     "name": cfg.exp_name}}
+        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", cfg.exp_name)
+                                  if tracker == "wandb" else cfg.exp_name,
+                                  config=flat, init_kwargs=init_kwargs)
     # -- the loop -------------------------------------------------------------------------------
     from losses.objective import si_batch, training_losses
     from tqdm.auto import tqdm
@@ -484,7 +505,6 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
             yield from loader
 
     data = batches()
-    gen_device = device
     peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else
             runtime.peak_flops(device, cfg.mixed_precision, cfg.allow_tf32))
     window: dict[str, torch.Tensor] = {}
@@ -500,8 +520,8 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
     if bank is not None and step == 0:
         # Prefill from a separate stream so the training data order does not depend on it.
         prefill_loader = ShardLoader(dataset, micro_batch, rank=rank, world_size=world,
-                                     seed=mix(cfg.seed, 0xBA4C), hflip=cfg.hflip, output="raw")
-        g = torch.Generator(gen_device).manual_seed(mix(cfg.seed, rank, 0xF111))
+                                     seed=mix_seed(cfg.seed, 0xBA4C), hflip=cfg.hflip, output="raw")
+        g = step_generator(cfg.seed, rank, -1, 0xF111, device)  # its own stream
 
         def prefill_batches():
             while True:
@@ -522,7 +542,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
             group["lr"] = lr
         for micro in range(accum):
             batch = next(data)
-            g = torch.Generator(gen_device).manual_seed(mix(cfg.seed, rank, step, micro))
+            g = step_generator(cfg.seed, rank, step, micro, device)
             x = loader.to_latents(batch["x"].to(device, non_blocking=True), g)
             y = batch["y"].to(device, non_blocking=True)
             images = batch.get("image")
