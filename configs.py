@@ -198,9 +198,9 @@ TRAINING_PRESETS: dict[str, dict] = {
                    "disp_blocks": "last"},
     # The CPU demo (DESIGN.md s4): ~1.4M-parameter SiT on 8x8 digit pixels, ~5 steps/s on 2 cores.
     "digits": {"model": "SiT-S/1", "depth": 4, "hidden_size": 128, "num_heads": 4,
-               "batch_size": 64, "learning_rate": 1e-3, "max_train_steps": 1500,
+               "batch_size": 64, "learning_rate": 1e-3, "max_train_steps": 800,
                "ema_decay": 0.999, "ema_warmup": True, "cfg_prob": 0.1,
-               "checkpointing_steps": 500, "log_every": 50, "sampling_steps": 0,
+               "checkpointing_steps": 400, "log_every": 50, "sampling_steps": 0,
                "sample_num_steps": 50, "sample_cfg_scale": 3.0, "num_sample_images": 100,
                "mixed_precision": "no", "report_to": "none"},
 }
