@@ -806,17 +806,21 @@ def plot_variance(curves: dict[str, dict[str, Any]], kind: str, path: Path) -> N
     plt.close(fig)
 
 
+def _by_method(runs: list[dict[str, Any]]):
+    """(method, its runs, colour, line style) for each method that has runs, in EXPS order."""
+    for exp in EXPS:
+        rs = [r for r in runs if r["exp"] == exp]
+        if rs:
+            yield (exp, rs, *METHOD_STYLE[exp])
+
+
 def plot_fisher(runs: list[dict[str, Any]], kind: str, path: Path) -> None:
     """Fisher divergence of the EMA model over training, methods side by side: the headline
     average and each headline t; line = mean over seeds, band = min..max over seeds."""
     plt = _pyplot()
     panels = ["avg"] + list(HEADLINE_TS)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharex=True)
-    for exp in EXPS:
-        rs = [r for r in runs if r["exp"] == exp]
-        if not rs:
-            continue
-        color, ls = METHOD_STYLE[exp]
+    for exp, rs, color, ls in _by_method(runs):
         steps = np.array(rs[0]["steps"])
         ts = rs[0]["eval_ts"]
         fd = np.array([r["fd_ema"] for r in rs])            # (seeds, evals, T)
@@ -843,11 +847,7 @@ def plot_fisher_vs_t(runs: list[dict[str, Any]], kind: str, path: Path) -> None:
     seeds, band min..max), headline window shaded."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for exp in EXPS:
-        rs = [r for r in runs if r["exp"] == exp]
-        if not rs:
-            continue
-        color, ls = METHOD_STYLE[exp]
+    for exp, rs, color, ls in _by_method(runs):
         ts = np.array(rs[0]["eval_ts"])
         fd = np.array([r["fd_ema"][-1] for r in rs])
         ax.plot(ts, fd.mean(0), color=color, ls=ls, marker="o", ms=3, label=exp)

@@ -141,25 +141,27 @@ def sampling_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("projectors.")}
 
 
-def write_grid(images: torch.Tensor, path: Path, min_cell: int = 32) -> None:
-    """uint8 (N, H, W, 3) -> one PNG grid (nearest upscaling of tiny images), atomically."""
+def write_grid(images: torch.Tensor, path: Path, min_cell: int = 48, pad: int = 2) -> None:
+    """uint8 (N, H, W, 3) -> one PNG grid, cells upscaled (nearest) to at least ``min_cell`` px
+    and separated by ``pad`` grey pixels; written atomically."""
     import io
 
     from PIL import Image
+
+    from preprocessing.shards import atomic_write_bytes
     n, h, w, _ = images.shape
+    up = max(1, min_cell // max(h, w))
+    cells = images.permute(0, 3, 1, 2).repeat_interleave(up, 2).repeat_interleave(up, 3)
+    ch, cw = h * up, w * up
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    up = max(1, min_cell // max(h, w))
-    grid = torch.zeros(rows * h, cols * w, 3, dtype=torch.uint8)
+    grid = torch.full((3, rows * (ch + pad) + pad, cols * (cw + pad) + pad), 128, dtype=torch.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = images[i]
-    img = Image.fromarray(grid.numpy())
-    if up > 1:
-        img = img.resize((cols * w * up, rows * h * up), Image.NEAREST)
+        y, x = pad + r * (ch + pad), pad + c * (cw + pad)
+        grid[:, y:y + ch, x:x + cw] = cells[i]
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    from preprocessing.shards import atomic_write_bytes
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
 
