@@ -90,6 +90,7 @@ def run_repa_style(args, data: Path, enc_dir: Path | None) -> list[float]:
     import torch.nn.functional as F
     from accelerate import Accelerator
 
+    from losses.alignment import align_tokens
     from models.encoders import load_encoders
     from models.sit import SiT_models
     from preprocessing.shards import ShardDataset, ShardLoader
@@ -156,7 +157,9 @@ def run_repa_style(args, data: Path, enc_dir: Path | None) -> list[float]:
         if encoders:
             with torch.no_grad():
                 imgs = batch["image"].to(device)
-                zs = [enc(imgs) for enc in encoders]
+                # REPA needs equal token counts; at 32 px the encoder grid is 2x2, so resize
+                # to SiT's 16x16 as our alignment loss does internally.
+                zs = [align_tokens(enc(imgs), 16) for enc in encoders]
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 loss, proj_loss = loss_fn(model, x, y, zs)
