@@ -293,20 +293,22 @@ def test_compile_checkpoint_and_resume(digits8, tmp_path):
      "not divisible by 1 processes x 4 accumulation"),
     (["--resolution", "16"], "encoded at 8 px"),
     (["--num-classes", "1000"], "shards have 10 classes"),
-    (["--model", "SiT-S/8", "--resolution", "8", "--patch-check"], None),
     (["--enc-type", "dinov2-vit-s"], "no stored images"),
     (["--model", "SiT-S/16"], "unknown model"),
     (["--disp", "--disp-blocks", "7"], "outside 1..2"),
+    (["--cfg-prob", "1.5"], "--cfg-prob must be in [0, 1]"),
 ])
 def test_clear_errors(digits8, tmp_path, args, message):
-    if "--patch-check" in args:  # 8x8 pixels, patch 8 fits; 12x12 data with patch 8 does not
-        data = encode(tmp_path / "d12", 12)
-        p = run(train_cmd(data, tmp_path, "--model", "SiT-S/8"), check=False)
-        message = "does not fit the shards"
-    else:
-        p = run(train_cmd(digits8, tmp_path, *args), check=False)
+    p = run(train_cmd(digits8, tmp_path, *args), check=False)
     assert p.returncode == 2, p.stderr
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_patch_that_does_not_divide_the_shards(tmp_path):
+    data = encode(tmp_path / "d12", 12)  # 12x12 pixels: patch 8 does not divide them
+    p = run(train_cmd(data, tmp_path, "--model", "SiT-S/8"), check=False)
+    assert p.returncode == 2 and "does not fit the shards" in p.stderr, p.stderr
+    assert "12x12" in p.stderr
 
 
 def test_encoder_depth_beyond_model(digits32_images, tiny_dinov2, tmp_path):
