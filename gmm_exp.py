@@ -665,10 +665,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     head = "| method | seeds | avg t in {0.2..0.5} | " + " | ".join(
         f"t={t}" for t in HEADLINE_TS) + " | steps/s |"
     lines = [head, "|" + "---|" * (len(HEADLINE_TS) + 4)]
+    def cell(mean: float, std: float, n: int) -> str:
+        return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"  # no spread from one seed
+
     for exp, s in summary.items():
-        cells = [f"{s['per_t_mean'][str(t)]:.4f} ± {s['per_t_std'][str(t)]:.4f}"
-                 for t in HEADLINE_TS]
-        lines.append(f"| {exp} | {len(s['seeds'])} | {s['avg_mean']:.4f} ± {s['avg_std']:.4f} | "
+        n = len(s["seeds"])
+        cells = [cell(s["per_t_mean"][str(t)], s["per_t_std"][str(t)], n) for t in HEADLINE_TS]
+        lines.append(f"| {exp} | {n} | {cell(s['avg_mean'], s['avg_std'], n)} | "
                      + " | ".join(cells) + f" | {s['steps_per_second']:.0f} |")
     return "\n".join(lines) + "\n"
 
