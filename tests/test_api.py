@@ -9,6 +9,8 @@ from itertools import islice
 import pytest
 import torch
 
+import runtime
+
 from tests.test_train import REPO, TINY, encode, read_log, run, train_cmd
 
 
@@ -72,25 +74,43 @@ def test_train_with_dispersive_loss_lowers_the_loss(digits8):
 
 
 def test_train_with_dispersive_loss_equals_train_py_step(digits8, tmp_path):
-    """Same batch, same seed: the API's first-step loss is train.py's logged step-1 loss."""
+    """Same batches, same seed: the API's losses are train.py's logged losses. Several steps, as
+    at step 1 the zero-initialised model outputs 0 whatever the labels; later a loop that ignored
+    --cfg-prob (REPA's bug) would differ, which the control (cfg_prob 0) shows."""
     from preprocessing.shards import ShardDataset, ShardLoader
     from training import train_with_dispersive_loss
-    run(train_cmd(digits8, tmp_path, "--max-train-steps", "1", "--disp", "--disp-blocks", "1",
-                  "--no-hflip"))
-    logged = read_log(tmp_path / "run")[1]
+    steps = 4
+    run(train_cmd(digits8, tmp_path, "--max-train-steps", str(steps), "--disp", "--disp-blocks",
+                  "1", "--no-hflip", "--learning-rate", "1e-2"))
+    logged = read_log(tmp_path / "run")
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
-    model = _tiny_model(seed=cfg["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = ShardLoader(ShardDataset(digits8), cfg["batch_size"], seed=cfg["seed"],
-                         hflip=False, output="raw")
+    assert cfg["cfg_prob"] == 0.2
+
+    def api_losses(config):
+        model = _tiny_model(seed=config["seed"])
+        # train.py's optimizer: fused AdamW where the device has it (rounds unlike foreach)
+        opt = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"],
+                                betas=(config["adam_beta1"], config["adam_beta2"]),
+                                eps=config["adam_epsilon"],
+                                weight_decay=config["adam_weight_decay"],
+                                fused=runtime.fused_adamw_available(torch.device("cpu")) or None)
+        loader = ShardLoader(ShardDataset(digits8), config["batch_size"], seed=config["seed"],
+                             hflip=False, output="raw")
+        it = iter(loader)
+        return [train_with_dispersive_loss(model, islice(it, 1), opt, "cpu", config,
+                                           start_step=k, to_latents=loader.to_latents)
+                for k in range(steps)]
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): same kernels, same sums
     try:
-        loss = train_with_dispersive_loss(model, islice(loader, 1), opt, "cpu", cfg,
-                                          to_latents=loader.to_latents)
+        losses = api_losses(cfg)
+        control = api_losses({**cfg, "cfg_prob": 0.0})
     finally:
         torch.set_num_threads(threads)
-    assert loss == pytest.approx(logged["loss"], rel=1e-6, abs=1e-7)
+    for k in range(steps):
+        assert losses[k] == pytest.approx(logged[k + 1]["loss"], rel=1e-6, abs=1e-7)
+    assert abs(control[-1] / logged[steps]["loss"] - 1) > 1e-4
 
 
 def test_sit_disploss_command_forms(digits8, tmp_path):
