@@ -458,7 +458,8 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
 
     def sample_grid(step: int) -> None:
         nonlocal vae_for_grid, grid_warned
-        if not is_main:
+        out_path = run_dir / "samples" / f"step-{step:07d}.png"
+        if not is_main or out_path.is_file():  # e.g. a rerun of a finished run
             return
         from samplers import images_to_uint8, sample_ode
         if cfg.vae and vae_for_grid is None:
@@ -480,7 +481,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         (run_dir / "samples").mkdir(exist_ok=True)
-        write_grid(images_to_uint8(images), run_dir / "samples" / f"step-{step:07d}.png")
+        write_grid(images_to_uint8(images), out_path)
 
     # -- trackers -------------------------------------------------------------------------------
     if say_later:
