@@ -219,6 +219,12 @@ def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> Trai
         raise UsageError(f"--ckpt {cfg.ckpt} does not exist")
     if cfg.ckpt and not cfg.resume and Path(cfg.ckpt).is_dir():
         cfg.resume = cfg.ckpt  # SiT/DispLoss: --ckpt names what to continue from
+    if cfg.use_proj_loss:
+        from models.sit import get_model_config
+        depth = cfg.depth or get_model_config(cfg.model)["depth"]
+        if not 1 <= cfg.encoder_depth <= depth:
+            raise UsageError(f"--encoder-depth {cfg.encoder_depth} is outside 1..{depth} (the "
+                             f"projectors read the output of that block of a depth-{depth} model)")
     if cfg.exp_name is None:
         cfg.exp_name = default_exp_name(cfg)
     for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
@@ -325,9 +331,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
             load_checkpoint(model, cfg.ckpt, strict=False)
         except (ValueError, KeyError, OSError) as e:
             raise UsageError(f"--ckpt {cfg.ckpt}: {e}") from None
-        say_later = f"initialised the model (and EMA) from {cfg.ckpt}"
-    else:
-        say_later = None
+        say(f"initialised the model (and EMA) from {cfg.ckpt}")
     depth = model.depth
     for enc in encoders:
         say(check_token_grid(enc, model.grid))
@@ -376,6 +380,11 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
     if resume_from is None and list_checkpoints(ckpt_dir):
         raise UsageError(f"{run_dir} already has checkpoints; pass --resume latest to continue "
                          "it or choose another --exp-name / --output-dir")
+    if resume_from is not None:
+        n = len(list(resume_from.glob("rank-*.json")))
+        if n != world:  # each process resumes its own data position and bank
+            raise UsageError(f"{resume_from} was written by {n} process(es); resume it with the "
+                             f"same number (now {world})")
     if resume_from is not None and saved_cfg_path.is_file():
         old = json.loads(saved_cfg_path.read_text()).get("train", {})
         diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
@@ -401,12 +410,15 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
 
     step = 0
     if resume_from is not None:
+        mine = json.loads((resume_from / f"rank-{rank}.json").read_text())
+        try:
+            loader.load_state_dict(mine["loader"])
+        except ValueError as e:  # another batch size, seed or dataset
+            raise UsageError(f"{resume_from}: {e}") from None
         accelerator.load_state(str(resume_from))
         from safetensors.torch import load_file
         ema.load_state_dict(load_file(resume_from / "ema.safetensors"))  # copies onto device
-        mine = json.loads((resume_from / f"rank-{rank}.json").read_text())
         step = int(mine["step"])
-        loader.load_state_dict(mine["loader"])
         if mine.get("scaler"):
             scaler.load_state_dict(mine["scaler"])
         if bank is not None:
@@ -484,8 +496,6 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         write_grid(images_to_uint8(images), out_path)
 
     # -- trackers -------------------------------------------------------------------------------
-    if say_later:
-        say(say_later)
     if tracker is not None:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                 for k, v in cfg.to_dict().items()}

@@ -173,6 +173,9 @@ def test_resume_after_kill_two_processes(digits8, tmp_path):
     assert_same_run(tmp_path / "ref" / "run", tmp_path / "int" / "run", steps)
     one = tmp_path / "int" / "run" / "checkpoints" / f"step-{steps:07d}"
     assert (one / "bank-0.safetensors").is_file() and (one / "bank-1.safetensors").is_file()
+    p = run(train_cmd(digits8, tmp_path / "int", *extra[2:], "--max-train-steps", "9",
+                      "--resume", "latest"), check=False)  # one process now
+    assert p.returncode == 2 and "written by 2 process(es)" in p.stderr, p.stderr
 
 
 @pytest.mark.slow
@@ -315,7 +318,7 @@ def test_encoder_depth_beyond_model(digits32_images, tiny_dinov2, tmp_path):
     p = run(train_cmd(digits32_images, tmp_path, "--enc-type", "dinov2-vit-s",
                       "--encoder-weights-dir", str(tiny_dinov2), "--encoder-depth", "5"),
             check=False)
-    assert p.returncode == 2 and "encoder_depth 5 outside 1..2" in p.stderr, p.stderr
+    assert p.returncode == 2 and "--encoder-depth 5 is outside 1..2" in p.stderr, p.stderr
 
 
 def test_missing_encoder_weights_named(digits32_images, tmp_path):
