@@ -296,7 +296,7 @@ def test_compile_checkpoint_and_resume(digits8, tmp_path):
      "not divisible by 1 processes x 4 accumulation"),
     (["--resolution", "16"], "encoded at 8 px"),
     (["--num-classes", "1000"], "shards have 10 classes"),
-    (["--enc-type", "dinov2-vit-s"], "no stored images"),
+    (["--enc-type", "dinov2-vit-s", "--encoder-depth", "1"], "no stored images"),
     (["--model", "SiT-S/16"], "unknown model"),
     (["--disp", "--disp-blocks", "7"], "outside 1..2"),
     (["--cfg-prob", "1.5"], "--cfg-prob must be in [0, 1]"),
@@ -323,7 +323,8 @@ def test_encoder_depth_beyond_model(digits32_images, tiny_dinov2, tmp_path):
 
 def test_missing_encoder_weights_named(digits32_images, tmp_path):
     p = run(train_cmd(digits32_images, tmp_path, "--enc-type", "dinov2-vit-b",
-                      "--encoder-weights-dir", str(tmp_path / "nothing")), check=False)
+                      "--encoder-depth", "1", "--encoder-weights-dir", str(tmp_path / "nothing")),
+            check=False)
     assert p.returncode == 2 and "vit_base_patch14_dinov2.lvd142m" in p.stderr
 
 
