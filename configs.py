@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
-def _f(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices=None, type=None,
+def _f(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices=None,
        group: str = "") -> Any:
     return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices,
-                                            "type": type, "group": group})
+                                            "group": group})
 
 
 @dataclass
@@ -265,8 +265,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         if isinstance(f.default, bool):
             g.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help)
             continue
-        typ = meta["type"] or _type_of(f)
-        g.add_argument(*names, dest=f.name, type=typ, choices=meta["choices"], help=help)
+        g.add_argument(*names, dest=f.name, type=_type_of(f), choices=meta["choices"], help=help)
     return p
 
 

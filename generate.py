@@ -71,7 +71,6 @@ from pathlib import Path
 import numpy as np
 
 PART_RE = re.compile(r"^(\d+)-(\d+)\.npz$")
-VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 LABEL_STREAMS = {"random": 2, "equal": 3}
 SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
 
@@ -164,6 +163,7 @@ def resolve_checkpoint(ckpt: str) -> tuple[Path, dict | None]:
 def resolve_run(args: argparse.Namespace) -> dict:
     """Everything needed to build the model and decode, from config.json and the flags."""
     from models.sit import SiT_models, get_model_config
+    from models.vae import VAE_ALIASES
 
     weights, config = resolve_checkpoint(args.ckpt)
     cfg = dict(config or {})
@@ -224,26 +224,24 @@ def build_model(run: dict, device):
 
     kwargs = dict(run["model_kwargs"])
     try:
-        stored = read_checkpoint(run["weights"])
-    except Exception:
-        stored = None  # reported by load_checkpoint below
-    if stored is not None:
-        if not any(".projectors." in "." + k for k in stored):
-            kwargs.pop("z_dims", None)  # no projectors stored (e.g. our ema.safetensors)
-        elif "z_dims" not in kwargs and run["config"] is None:
-            # REPA checkpoints carry projectors: build them so the strict load can match.
-            kwargs["z_dims"] = _infer_z_dims(stored)
+        stored = read_checkpoint(run["weights"])  # read once: the file can be gigabytes
+    except Exception as e:  # unreadable / corrupt file
+        raise UsageError(f"cannot read checkpoint {run['weights']}: {e}") from None
+    if not any(".projectors." in "." + k for k in stored):
+        kwargs.pop("z_dims", None)  # no projectors stored (e.g. our ema.safetensors)
+    elif "z_dims" not in kwargs and run["config"] is None:
+        # REPA checkpoints carry projectors: build them so the strict load can match.
+        kwargs["z_dims"] = _infer_z_dims(stored)
     try:
         model = SiT(input_size=run["input_size"], in_channels=run["in_channels"],
                     num_classes=run["num_classes"], **run["size"], **kwargs)
     except (TypeError, ValueError) as e:
         raise UsageError(f"cannot build {run['model']} with {kwargs}: {e}") from None
     try:
-        load_checkpoint(model, run["weights"])
+        load_checkpoint(model, stored)
     except (ValueError, KeyError) as e:
-        raise UsageError(f"checkpoint does not match model {run['model']}: {e}") from None
-    except Exception as e:  # unreadable / corrupt file
-        raise UsageError(f"cannot read checkpoint {run['weights']}: {e}") from None
+        raise UsageError(f"checkpoint {run['weights']} does not match model {run['model']}: {e}"
+                         ) from None
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -110,13 +110,13 @@ def strict_fp32(device_type: str = "cpu", convs: bool = False) -> Iterator[None]
 def peak_flops(device: torch.device, precision: str, allow_tf32: bool) -> float | None:
     """Dense peak FLOP/s of the device for MFU estimates (None when unknown, e.g. on CPU).
 
-    Datasheet numbers without sparsity: H100/H200 SXM 989 TFLOP/s bf16/fp16, 495 TF32, 67 fp32;
+    Datasheet numbers without sparsity: H100/H200 SXM 989.4 TFLOP/s bf16/fp16, 494.7 TF32, 67 fp32;
     A100 312 / 156 / 19.5.
     """
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    table = {"H100": (989e12, 494.5e12, 67e12), "H200": (989e12, 494.5e12, 67e12),
+    table = {"H100": (989.4e12, 494.7e12, 67e12), "H200": (989.4e12, 494.7e12, 67e12),
              "A100": (312e12, 156e12, 19.5e12)}
     for key, (half, tf32, fp32) in table.items():
         if key in name:

@@ -47,9 +47,6 @@ RESUME_KEYS = ("model", "depth", "hidden_size", "num_heads", "qk_norm", "num_cla
                "latent_norm", "mixed_precision")
 
 
-VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-
-
 class UsageError(Exception):
     """A problem the user can fix: printed without traceback, exit status 2."""
 
@@ -79,6 +76,12 @@ def ema_decay_at(step: int, cfg: TrainingConfig) -> float:
 def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     """ema = decay * ema + (1 - decay) * param, one fused kernel per dtype/device group."""
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def endless(loader):
+    """Batches of epoch after epoch; the loader itself remembers where it is (for resume)."""
+    while True:
+        yield from loader
 
 
 def default_exp_name(cfg: TrainingConfig) -> str:
@@ -213,8 +216,8 @@ def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> Trai
             cfg.vae = manifest["vae"]["vae"]
     if cfg.wandb:
         cfg.report_to = "wandb"
-    if cfg.vae in VAE_ALIASES:
-        cfg.vae = VAE_ALIASES[cfg.vae]
+    from models.vae import VAE_ALIASES
+    cfg.vae = VAE_ALIASES.get(cfg.vae, cfg.vae)
     if cfg.ckpt and not Path(cfg.ckpt).exists():
         raise UsageError(f"--ckpt {cfg.ckpt} does not exist")
     if cfg.ckpt and not cfg.resume and Path(cfg.ckpt).is_dir():
@@ -513,11 +516,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
     from losses.objective import si_batch, training_losses
     from tqdm.auto import tqdm
 
-    def batches():
-        while True:  # epochs follow each other; the loader remembers where it is
-            yield from loader
-
-    data = batches()
+    data = endless(loader)
     peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else
             runtime.peak_flops(device, cfg.mixed_precision, cfg.allow_tf32))
     window: dict[str, torch.Tensor] = {}
@@ -535,14 +534,10 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         prefill_loader = ShardLoader(dataset, micro_batch, rank=rank, world_size=world,
                                      seed=mix_seed(cfg.seed, 0xBA4C), hflip=cfg.hflip, output="raw")
         g = step_generator(cfg.seed, rank, -1, 0xF111, device)  # its own stream
-
-        def prefill_batches():
-            while True:
-                yield from prefill_loader
         mode = "full" if cfg.prefill_bank_fully else "one_per_class"
         try:
             info = bank.prefill(
-                prefill_batches(), mode,
+                endless(prefill_loader), mode,
                 latents_fn=lambda b: loader.to_latents(b["x"].to(device), g),
                 max_batches=100 * (len(prefill_loader) + 1))
         except RuntimeError as e:
@@ -592,8 +587,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         scaler.step(optimizer)  # skipped by the scaler when the fp16 gradients are not finite
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        ema_update(ema_params, [p for p in raw_model.parameters() if p.requires_grad],
-                   ema_decay_at(step + 1, cfg))
+        ema_update(ema_params, trainable, ema_decay_at(step + 1, cfg))
         skipped += (~torch.isfinite(grad_norm)).float()
         window["grad_norm"] = window.get("grad_norm", 0) + grad_norm.detach().float()
         step += 1

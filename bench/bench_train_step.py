@@ -22,13 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+import runtime
 from bench._machine import BackgroundLoad, describe_machine
 from losses.interpolant import interpolate, sample_time, si_loss
 from models.sit import SiT_models
 
-# Dense peak TFLOP/s by (device-name substring, precision).
-GPU_PEAKS = {("H100", "fp32"): 67.0, ("H100", "tf32"): 494.7, ("H100", "bf16"): 989.4,
-             ("H200", "fp32"): 67.0, ("H200", "tf32"): 494.7, ("H200", "bf16"): 989.4}
 
 
 def cpu_peak_tflops(precision: str) -> float:
@@ -107,9 +105,10 @@ def step_time(name: str, batch: int, precision: str, compile_: bool, steps: int,
     other = load.stop()
     med = statistics.median(times)
     flops = 3 * 2 * model.forward_macs() * batch
-    if device.type == "cuda":
-        dev = torch.cuda.get_device_name()
-        peak = next((v for (k, p), v in GPU_PEAKS.items() if k in dev and p == precision), None)
+    if device.type == "cuda":  # the table train.py's MFU uses
+        peak = runtime.peak_flops(device, "bf16" if precision == "bf16" else "no",
+                                  allow_tf32=precision == "tf32")
+        peak = peak / 1e12 if peak else None
     else:
         peak = cpu_peak_tflops(precision)
     tflops = flops / med / 1e12
@@ -145,7 +144,7 @@ def main() -> None:
                 r = step_time(name, args.batch_size, prec, c, args.steps, args.warmup, device)
                 print(f"{r['model']:10} {r['precision']:5} {str(r['compile']):7} "
                       f"{r['median_s']:8.3f} {r['img_s']:8.2f} {r['tflops']:8.3f} "
-                      f"{r['mfu']:6.1%} {r['peak']:7.1f} {r['warmup_s']:8.1f} "
+                      f"{r['mfu']:6.1%} {r['peak'] or float('nan'):7.1f} {r['warmup_s']:8.1f} "
                       f"{r['other_load']:10.0%}", flush=True)
 
 

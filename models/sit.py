@@ -403,14 +403,18 @@ def convert_sit_state_dict(sd: dict[str, torch.Tensor], in_channels: int, patch_
     return out
 
 
-def load_checkpoint(model: SiT, path: str | Path, key: str | None = None,
-                    strict: bool = True) -> None:
+def load_checkpoint(model: SiT, path: str | Path | dict[str, torch.Tensor],
+                    key: str | None = None, strict: bool = True) -> None:
     """Load REPA (strict, projectors included), SiT or our own weights into ``model``.
 
-    For SiT's own checkpoints build the model with ``flip_time=True``. A mismatch names the
+    ``path`` is a file (see :func:`read_checkpoint`) or a state dict already read from one. For
+    SiT's own checkpoints build the model with ``flip_time=True``. A mismatch names the
     missing/unexpected/mis-shaped tensors instead of a generic error.
     """
-    sd = convert_sit_state_dict(read_checkpoint(path, key), model.in_channels, model.patch_size)
+    raw = path if isinstance(path, dict) else read_checkpoint(path, key)
+    if isinstance(path, dict):
+        path = "the given state dict"
+    sd = convert_sit_state_dict(raw, model.in_channels, model.patch_size)
     own = model.state_dict()
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
               for k, v in sd.items() if k in own and own[k].shape != v.shape]

@@ -21,6 +21,10 @@ def _diffusers_autoencoder():
     return AutoencoderKL
 
 
+# Short names accepted by --vae (REPA / SiT / DispLoss use "ema" and "mse").
+VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
 def load_vae(spec: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Load a diffusers AutoencoderKL from a local directory or the local HF cache.
 
