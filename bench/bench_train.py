@@ -71,16 +71,19 @@ def common_flags(args, enc_dir: Path | None) -> list[str]:
     return flags
 
 
-def run_ours(args, data: Path, out: Path, enc_dir: Path | None) -> list[float]:
+def run_ours(args, data: Path, out: Path, enc_dir: Path | None
+             ) -> tuple[list[float], list[float]]:
+    """train.py in a subprocess; img/s and (on GPUs with a known peak) MFU of each timed window."""
     window = args.window
     cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir",
            str(out), "--exp-name", "ours", "--max-train-steps", str(window * (args.windows + 1)),
            "--log-every", str(window), "--checkpointing-steps", "1000000",
            "--sampling-steps", "1000000", "--num-sample-images", "1", "--sample-num-steps", "1",
-           *common_flags(args, enc_dir)]
+           *common_flags(args, enc_dir)] + (["--compile"] if args.compile else []) + \
+        (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
     subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     recs = [json.loads(ln) for ln in (out / "ours" / "log.jsonl").read_text().splitlines()]
-    return [r["img_per_s"] for r in recs[1:]]
+    return [r["img_per_s"] for r in recs[1:]], [r["mfu"] for r in recs[1:] if "mfu" in r]
 
 
 def run_repa_style(args, data: Path, enc_dir: Path | None) -> list[float]:
@@ -189,6 +192,10 @@ def main() -> None:
     p.add_argument("--window", type=int, default=5, help="steps per logging window")
     p.add_argument("--windows", type=int, default=4, help="timed windows after the warm-up one")
     p.add_argument("--proj", action="store_true", help="add the REPA term (random DINOv2-B)")
+    p.add_argument("--compile", action="store_true",
+                   help="train.py with --compile (the REPA-style loop never compiles, as REPA)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for train.py's MFU (default: known GPUs only)")
     args = p.parse_args()
     print(json.dumps(describe_machine()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,19 +203,23 @@ def main() -> None:
         data = encode_digits(tmp / "digits32")
         enc_dir = save_random_dinov2(tmp) if args.proj else None
         bg = BackgroundLoad().start()
-        ours = run_ours(args, data, tmp / "runs", enc_dir)
+        ours, mfu = run_ours(args, data, tmp / "runs", enc_dir)
         load_ours = bg.stop()
         bg = BackgroundLoad().start()
         repa = run_repa_style(args, data, enc_dir)
         load_repa = bg.stop()
     m_ours, m_repa = statistics.median(ours), statistics.median(repa)
     what = f"{args.model}, batch {args.batch_size}, precision {args.precision}" + \
-        (", + REPA term (DINOv2-B)" if args.proj else "")
+        (", + REPA term (DINOv2-B)" if args.proj else "") + \
+        (", train.py compiled" if args.compile else "")
     print(f"\n{what}")
     print(f"train.py    : median {m_ours:8.2f} img/s over {len(ours)} windows of {args.window} "
           f"steps {['%.2f' % v for v in ours]}  [background load {load_ours:.0%}]")
     print(f"REPA-style  : median {m_repa:8.2f} img/s over {len(repa)} steps  [background load {load_repa:.0%}]")
     print(f"ratio train.py / REPA-style: {m_ours / m_repa:.2f}x")
+    if mfu:  # train.py logs it on GPUs whose peak it knows (H100/H200/A100) or with --peak-tflops
+        print(f"train.py MFU: median {statistics.median(mfu):.1%} "
+              f"{['%.1f%%' % (100 * v) for v in mfu]}")
 
 
 if __name__ == "__main__":
