@@ -58,7 +58,6 @@ status 2 and a message, no traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -355,10 +354,9 @@ def main(argv=None) -> int:
     device, rank, world = state.device, state.process_index, state.num_processes
     is_main = state.is_main_process
 
-    # Runtime switches, in one place.
-    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
-    autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    import runtime
+    runtime.configure(device, allow_tf32=args.precision == "tf32")
+    autocast = runtime.autocast(device, "bf16" if args.precision == "bf16" else "no")
 
     run = resolve_run(args)
     model = build_model(run, device)
@@ -414,8 +412,7 @@ def main(argv=None) -> int:
     delay = float(os.environ.get("GENERATE_TEST_PART_DELAY", "0"))  # test hook (kill/resume)
     for s, e in mine:
         y = torch.from_numpy(labels[s:e]).to(device)
-        with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-              else contextlib.nullcontext()):
+        with autocast:
             out = sampler(model, (e - s, *shape_one), num_steps=args.num_steps, heun=args.heun,
                           cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
                           guidance_high=args.guidance_high, y=y, seed=args.global_seed,

@@ -513,6 +513,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
                                   if tracker == "wandb" else cfg.exp_name,
                                   config=flat, init_kwargs=init_kwargs)
     # -- the loop -------------------------------------------------------------------------------
+    from losses import build_stablevm_batch
     from losses.objective import si_batch, training_losses
     from tqdm.auto import tqdm
 
@@ -559,7 +560,6 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
                              path_type=cfg.path_type, time_sampler=cfg.weighting,
                              time_shift=cfg.time_shift, generator=g)
             else:
-                from losses import build_stablevm_batch
                 code = batch["position"] * 2 + batch["flip"].long()  # re-read pixels later
                 bank.push(x, y, code)
                 b = build_stablevm_batch(
@@ -655,7 +655,7 @@ def _bank_images(dataset, codes: torch.Tensor) -> torch.Tensor:
     pos, flip = codes // 2, (codes % 2).astype(bool)
     got = dataset.gather(pos, torch.from_numpy(flip), with_images=True)
     # gather returns rows sorted by (position, flip); put them back in the requested order
-    order = np.argsort(pos * 2 + flip, kind="stable")
+    order = np.argsort(codes, kind="stable")
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
     return got["image"][torch.from_numpy(inverse)]

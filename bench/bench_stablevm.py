@@ -47,7 +47,7 @@ import torch
 
 from bench._machine import BackgroundLoad, describe_machine
 from losses.interpolant import interpolate, path_coefficients
-from losses.stablevm import (CHUNK_BYTES, MemoryBank, stable_target,
+from losses.stablevm import (MemoryBank, _chunk_size, stable_target,
                              stable_target_efficient)
 
 SIT_XL2_MACS = 118.6e9  # forward MACs per 256x256 image (DiT's "Gflops"), SiT.forward_macs()
@@ -116,8 +116,7 @@ def run_device(args, device: torch.device) -> dict:
     t = 0.5 + 0.5 * torch.rand(b, generator=gen, device=device)
     x_t, cfm = interpolate(x0, eps, t, args.path_type)
     pt, split, ch = args.path_type, 0.5, args.chunk_size
-    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["default"])
-    auto = max(1, min(args.capacity, budget // (b * bank.latent_dim * 4)))
+    auto = _chunk_size(None, b, args.capacity, bank.latent_dim, device)  # the library's default
     ch_label = ch if ch else f"auto: {auto}"
 
     def batched():
