@@ -196,7 +196,7 @@ TRAINING_PRESETS: dict[str, dict] = {
     "dispersive": {"model": "SiT-XL/2", "resolution": 256, "batch_size": 256,
                    "mixed_precision": "bf16", "disp": True, "disp_lambda": 0.25, "disp_tau": 1.0,
                    "disp_blocks": "last"},
-    # The CPU demo (DESIGN.md s4): ~1.4M-parameter SiT on 8x8 digit pixels, ~5 steps/s on 2 cores.
+    # The CPU demo (docs/CONVENTIONS.md §3): ~1.4M-parameter SiT on 8x8 digit pixels, ~5 steps/s on 2 cores.
     "digits": {"model": "SiT-S/1", "depth": 4, "hidden_size": 128, "num_heads": 4,
                "batch_size": 64, "learning_rate": 1e-3, "max_train_steps": 800,
                "ema_decay": 0.999, "ema_warmup": True, "cfg_prob": 0.1,

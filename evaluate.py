@@ -4,7 +4,7 @@
     python evaluate.py make-reference SOURCE OUT.npz --inception PATH [--max-images N]
     python evaluate.py digits-accuracy SAMPLES.npz     (models trained on the sklearn digits)
 
-The numbers follow guided-diffusion's ``evaluations/evaluator.py`` (DESIGN.md section 8):
+The numbers follow guided-diffusion's ``evaluations/evaluator.py`` (docs/CONVENTIONS.md §7):
 
 - Features: the FID Inception-v3 (``models/inception.py``) on uint8 images resized with TF1's
   bilinear resize to 299 and mapped to (x - 128) / 128. pool3 (2048-d), Mixed_6d's 1x1 branch
@@ -575,7 +575,7 @@ class _ArrayLimited:
 def write_reference(out: str | os.PathLike, images_raw: Path, n_images: int, image_shape: tuple,
                     stats: dict[str, Any], inception_size: int) -> None:
     """Write arr_0 (streamed from a raw uint8 file) and the statistics into ``out`` atomically."""
-    from preprocessing.shards import _fsync_dir
+    from common import fsync_dir
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -597,7 +597,7 @@ def write_reference(out: str | os.PathLike, images_raw: Path, n_images: int, ima
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -661,19 +661,8 @@ def _load_model(args) -> FIDInceptionV3:
     return model
 
 
-def main_evaluate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="evaluate.py", description="IS, FID, sFID, precision, recall (ADM suite). "
-        "Also: evaluate.py make-reference SOURCE OUT.npz (see make-reference --help).")
-    p.add_argument("samples", help="samples .npz (arr_0 uint8 (N, H, W, 3))")
-    p.add_argument("reference", help="reference batch .npz (arr_0 and optional mu/sigma/mu_s/"
-                   "sigma_s), e.g. ADM's VIRTUAL_imagenet256_labeled.npz")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.add_argument("--fid-method", choices=("sqrtm", "eigh"), default="sqrtm",
-                   help="sqrtm: scipy.linalg.sqrtm as ADM (default); eigh: same trace from "
-                        "symmetric eigensolves, much faster on a small CPU")
-    _common(p)
-    args = p.parse_args(argv)
+def run_metrics(args: argparse.Namespace) -> int:
+    """``evaluate.py [metrics] SAMPLES REFERENCE``: the ADM suite's numbers."""
     samples, reference = NpzImages(args.samples), NpzImages(args.reference)
     if samples.stats() is not None and reference.stats() is None:
         raise SystemExit(f"error: {args.samples} holds reference statistics and {args.reference} "
@@ -690,30 +679,15 @@ def main_evaluate(argv: list[str]) -> int:
                               progress=not args.no_progress, fid_method=args.fid_method)
     print(format_metrics(metrics), flush=True)
     if args.json:
-        from preprocessing.shards import atomic_write_json
+        from common import atomic_write_json
         atomic_write_json(args.json, {**metrics, "samples": str(args.samples),
                                       "reference": str(args.reference),
                                       "num_samples": len(samples)})
     return 0
 
 
-def main_make_reference(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="evaluate.py make-reference",
-        description="Write an ADM-style reference batch: arr_0 (the first --ref-images images) and "
-                    "mu/sigma/mu_s/sigma_s over all images of SOURCE.")
-    p.add_argument("source", help="shard directory encoded with --store-images, image folder "
-                   "(root/<class>/<image>, ADM centre crop to --resolution), or an .npz batch")
-    p.add_argument("out", help="output .npz")
-    p.add_argument("--max-images", type=int, default=None, help="use only the first N images")
-    p.add_argument("--ref-images", type=int, default=PR_REFERENCE_SIZE,
-                   help="images kept in arr_0 for precision/recall (ADM: 10000)")
-    p.add_argument("--resolution", type=int, default=256, help="crop size for an image folder")
-    p.add_argument("--seed", type=int, default=0, help="order of an image folder's images")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="image decoding processes (image folder)")
-    _common(p)
-    args = p.parse_args(argv)
+def run_make_reference(args: argparse.Namespace) -> int:
+    """``evaluate.py make-reference SOURCE OUT.npz``: an ADM-style reference batch."""
     source = _open_source(args.source, args)
     model = _load_model(args)
     info = make_reference(source, args.out, model, args.batch_size, args.ref_images,
@@ -762,14 +736,8 @@ def digits_accuracy(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> di
             "real_heldout_accuracy": float(clf.score(x_te, y_te)), "num_images": int(len(pred))}
 
 
-def main_digits_accuracy(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="evaluate.py digits-accuracy",
-        description="Fraction of generated digits (samples.npz from a model trained on the "
-                    "sklearn digits) that an SVM fitted on real digits assigns to their label.")
-    p.add_argument("samples", help="samples .npz with arr_0 images and arr_1 labels")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    args = p.parse_args(argv)
+def run_digits_accuracy(args: argparse.Namespace) -> int:
+    """``evaluate.py digits-accuracy SAMPLES``: class accuracy of generated digits."""
     with np.load(args.samples) as z:
         if "arr_1" not in z:
             raise ValueError(f"{args.samples} has no labels (arr_1); sample with generate.py")
@@ -780,19 +748,61 @@ def main_digits_accuracy(argv: list[str]) -> int:
           f"{100 * res['real_heldout_accuracy']:.1f}%)")
     print("per class: " + ", ".join(f"{c}: {100 * a:.0f}%" for c, a in res["per_class"].items()))
     if args.json:
-        from preprocessing.shards import atomic_write_json
+        from common import atomic_write_json
         atomic_write_json(args.json, {**res, "samples": str(args.samples)})
     return 0
 
 
+COMMANDS = {"metrics": run_metrics, "make-reference": run_make_reference,
+            "digits-accuracy": run_digits_accuracy}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per job; ``metrics`` is the default, so ADM's ``evaluate.py SAMPLES REF``
+    form keeps working."""
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", metavar="{metrics,make-reference,digits-accuracy}",
+                           help="metrics (default when omitted): IS, FID, sFID, precision, "
+                                "recall of SAMPLES against REFERENCE")
+    m = sub.add_parser("metrics", help="IS, FID, sFID, precision, recall (ADM suite)")
+    m.add_argument("samples", help="samples .npz (arr_0 uint8 (N, H, W, 3))")
+    m.add_argument("reference", help="reference batch .npz (arr_0 and optional mu/sigma/mu_s/"
+                   "sigma_s), e.g. ADM's VIRTUAL_imagenet256_labeled.npz")
+    m.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    m.add_argument("--fid-method", choices=("sqrtm", "eigh"), default="sqrtm",
+                   help="sqrtm: scipy.linalg.sqrtm as ADM (default); eigh: same trace from "
+                        "symmetric eigensolves, much faster on a small CPU")
+    _common(m)
+    r = sub.add_parser(
+        "make-reference", help="write an ADM-style reference batch",
+        description="Write an ADM-style reference batch: arr_0 (the first --ref-images images) and "
+                    "mu/sigma/mu_s/sigma_s over all images of SOURCE.")
+    r.add_argument("source", help="shard directory encoded with --store-images, image folder "
+                   "(root/<class>/<image>, ADM centre crop to --resolution), or an .npz batch")
+    r.add_argument("out", help="output .npz")
+    r.add_argument("--max-images", type=int, default=None, help="use only the first N images")
+    r.add_argument("--ref-images", type=int, default=PR_REFERENCE_SIZE,
+                   help="images kept in arr_0 for precision/recall (ADM: 10000)")
+    r.add_argument("--resolution", type=int, default=256, help="crop size for an image folder")
+    r.add_argument("--seed", type=int, default=0, help="order of an image folder's images")
+    r.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image decoding processes (image folder)")
+    _common(r)
+    d = sub.add_parser(
+        "digits-accuracy", help="class accuracy of generated sklearn digits",
+        description="Fraction of generated digits (samples.npz from a model trained on the "
+                    "sklearn digits) that an SVM fitted on real digits assigns to their label.")
+    d.add_argument("samples", help="samples .npz with arr_0 images and arr_1 labels")
+    d.add_argument("--json", default=None, help="also write the result to this JSON file")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from common import with_default_command
+    argv = with_default_command(sys.argv[1:] if argv is None else argv, COMMANDS, "metrics")
+    args = build_parser().parse_args(argv)
     try:
-        if argv and argv[0] == "make-reference":
-            return main_make_reference(argv[1:])
-        if argv and argv[0] == "digits-accuracy":
-            return main_digits_accuracy(argv[1:])
-        return main_evaluate(argv)
+        return COMMANDS[args.command](args)
     except (WeightsNotFound, FileNotFoundError, ValueError, ShardFormatError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,22 +60,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # `python generate.py` from elsewhere: the repository's modules
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import UsageError, atomic_write_bytes, atomic_write_json, sha256_file  # noqa: E402
+
 PART_RE = re.compile(r"^(\d+)-(\d+)\.npz$")
 LABEL_STREAMS = {"random": 2, "equal": 3}
 SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
-
-
-class UsageError(Exception):
-    """A problem the user can fix: printed without traceback, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,20 +205,9 @@ def resolve_run(args: argparse.Namespace) -> dict:
             "path_type": args.path_type or cfg.get("path_type", "linear")}
 
 
-def _infer_z_dims(sd: dict) -> list[int]:
-    """Output widths of REPA MLP projectors stored in a checkpoint (projectors.i.<k>.weight)."""
-    dims = {}
-    for k, v in sd.items():
-        m = re.match(r"^(?:module\.)?projectors\.(\d+)\.(\d+)\.weight$", k)
-        if m and v.ndim == 2:
-            i, layer = int(m.group(1)), int(m.group(2))
-            if i not in dims or layer > dims[i][0]:
-                dims[i] = (layer, int(v.shape[0]))
-    return [dims[i][1] for i in sorted(dims)]
-
-
 def build_model(run: dict, device):
-    from models.sit import SiT, load_checkpoint, read_checkpoint
+    from models.sit import (SiT, convert_sit_state_dict, load_checkpoint, projector_kwargs,
+                            read_checkpoint)
 
     kwargs = dict(run["model_kwargs"])
     try:
@@ -229,8 +217,13 @@ def build_model(run: dict, device):
     if not any(".projectors." in "." + k for k in stored):
         kwargs.pop("z_dims", None)  # no projectors stored (e.g. our ema.safetensors)
     elif "z_dims" not in kwargs and run["config"] is None:
-        # REPA checkpoints carry projectors: build them so the strict load can match.
-        kwargs["z_dims"] = _infer_z_dims(stored)
+        # REPA / iREPA checkpoints carry projectors: build them so the strict load can match.
+        stored = convert_sit_state_dict(stored, run["in_channels"], run["size"]["patch_size"])
+        try:
+            for k, v in projector_kwargs(stored).items():
+                kwargs.setdefault(k, v)
+        except ValueError as e:
+            raise UsageError(f"{run['weights']}: {e}") from None
     try:
         model = SiT(input_size=run["input_size"], in_channels=run["in_channels"],
                     num_classes=run["num_classes"], **run["size"], **kwargs)
@@ -347,7 +340,6 @@ def main(argv=None) -> int:
     from accelerate import PartialState
 
     from models.vae import WeightsNotFound, load_vae
-    from preprocessing.shards import atomic_write_bytes, atomic_write_json, sha256_file
     from samplers import images_to_uint8, sample_ode, sample_sde
 
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -409,7 +401,6 @@ def main(argv=None) -> int:
     bar = tqdm(total=sum(e - s for s, e in mine), disable=not is_main, desc="sampling")
     sampler = sample_sde if args.mode == "sde" else sample_ode
     shape_one = (run["in_channels"], run["input_size"], run["input_size"])
-    delay = float(os.environ.get("GENERATE_TEST_PART_DELAY", "0"))  # test hook (kill/resume)
     for s, e in mine:
         y = torch.from_numpy(labels[s:e]).to(device)
         with autocast:
@@ -423,19 +414,18 @@ def main(argv=None) -> int:
         atomic_write_bytes(parts_dir / f"{s:07d}-{e:07d}.npz",
                            npz_bytes({"images": arr, "labels": labels[s:e]}))
         bar.update(e - s)
-        if delay:
-            time.sleep(delay)
     bar.close()
     state.wait_for_everyone()
 
     if is_main:
-        assemble(sample_dir, parts_dir, n, labels, spec, args, vae_ident,
-                 atomic_write_bytes, atomic_write_json)
+        write_samples_npz(sample_dir, parts_dir, n, labels, spec, args, vae_ident)
     state.wait_for_everyone()
     return 0
 
 
-def assemble(sample_dir, parts_dir, n, labels, spec, args, vae_ident, write_bytes, write_json):
+def write_samples_npz(sample_dir: Path, parts_dir: Path, n: int, labels: np.ndarray, spec: dict,
+                      args: argparse.Namespace, vae_ident) -> None:
+    """Join the finished parts into samples.npz (ADM layout) and its sidecar samples.json."""
     images = None
     covered = np.zeros(n, dtype=bool)
     for s, e in scan_parts(parts_dir, n):
@@ -451,13 +441,12 @@ def assemble(sample_dir, parts_dir, n, labels, spec, args, vae_ident, write_byte
         missing = int((~covered).sum())
         raise UsageError(f"{missing} samples have no finished part in {parts_dir}; rerun")
     out = sample_dir / "samples.npz"
-    write_bytes(out, npz_bytes({"arr_0": images, "arr_1": labels.astype(np.int64)}))
+    atomic_write_bytes(out, npz_bytes({"arr_0": images, "arr_1": labels.astype(np.int64)}))
     side = dict(spec, file="samples.npz", samples_sha256=None, image_shape=list(images.shape),
                 vae_ident=vae_ident, sampler_args={"per_proc_batch_size_last":
                                                    args.per_proc_batch_size})
-    from preprocessing.shards import sha256_file
     side["samples_sha256"] = sha256_file(out)
-    write_json(sample_dir / "samples.json", side)
+    atomic_write_json(sample_dir / "samples.json", side)
     if args.save_png:
         from PIL import Image
         png = sample_dir / "png"
@@ -477,5 +466,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(cli())

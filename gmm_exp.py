@@ -1,7 +1,7 @@
 """StableVM toy study on Gaussian mixtures: CFM vs STF vs StableVM, with exact fields and plots.
 
 A small time-conditioned MLP learns the velocity (or score) field of the linear path
-``x_t = (1 - t) x0 + t eps`` (DESIGN.md s3: t = 0 data, t = 1 noise) for a Gaussian mixture with
+``x_t = (1 - t) x0 + t eps`` (docs/CONVENTIONS.md §1: t = 0 data, t = 1 noise) for a Gaussian mixture with
 random means, diagonal variances and weights. Because the data is a mixture of Gaussians, the
 marginal p_t is one too and its velocity and score are known in closed form, so the error of the
 learned field (the "Fisher divergence", here the per-dimension mean squared error against the
@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from losses.stablevm import stable_target, stable_target_efficient
-from preprocessing.shards import atomic_write_bytes, atomic_write_json
+from common import atomic_write_bytes, atomic_write_json, ema_decay, ema_update
 
 EXPS = ("cfm", "stf", "stable_vm", "stable_vm_efficient")
 FIELDS = ("velocity", "score")
@@ -205,7 +205,7 @@ def _as_t(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 # Training targets.
 
 def velocity_to_scaled_score(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``t * score`` from a velocity of the linear path: s = -(x + (1 - t) v) / t (DESIGN s7)."""
+    """``t * score`` from a velocity of the linear path: s = -(x + (1 - t) v) / t (docs/CONVENTIONS.md §6)."""
     tc = t.reshape(-1, 1)
     return -(x_t + (1 - tc) * v)
 
@@ -291,14 +291,6 @@ class TimeMLP(nn.Module):
     def field(self, x: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
         out = self(x, t)
         return out if kind == "velocity" else out / t.reshape(-1, 1)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
-    """EMA with the usual warm-up, decay min(decay, (1 + step) / (10 + step))."""
-    d = min(decay, (1 + step) / (10 + step))
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1 - d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,7 +576,8 @@ def train_run(args: argparse.Namespace, exp: str, seed: int, gmm: GMM, evaluator
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema_update(ema, model, step, args.ema_decay)
+        ema_update(list(ema.parameters()), list(model.parameters()),
+                   ema_decay(step, args.ema_decay, warmup=True))
         running += float(loss.detach())
         n_running += 1
         if step % args.eval_every == 0 or step == args.steps:

@@ -1,7 +1,7 @@
 """ODE / SDE samplers for velocity-predicting models, with classifier-free guidance.
 
 Works with any model called as ``model(x, t, y) -> velocity`` (SiT's signature; a tuple output is
-reduced to its first element, as REPA's models return one). Conventions (DESIGN.md s3, s7):
+reduced to its first element, as REPA's models return one). Conventions (docs/CONVENTIONS.md §1, §6):
 
 - Time t in [0, 1], t=0 data, t=1 noise; x_t = a(t) x + s(t) eps, the model predicts
   v = a'(t) x + s'(t) eps (linear path: v = eps - x). Sampling integrates from t=1 to t=0, so every
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from common import mix_seed
 from losses.interpolant import PATH_TYPES
 from losses.interpolant import path_coefficients as _path_coefficients
 
@@ -50,11 +51,11 @@ IndexLike = Sequence[int] | torch.Tensor | np.ndarray
 # Seeding.
 
 def sample_seed(seed: int, index: int, stream: int, *extra: int) -> int:
-    """64-bit seed of one sample's generator: numpy SeedSequence([seed, index, stream, *extra])."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and sample index must be >= 0, got seed={seed}, index={index}")
-    ss = np.random.SeedSequence([int(seed), int(index), int(stream), *map(int, extra)])
-    return int(ss.generate_state(1, dtype=np.uint64)[0])
+    """64-bit seed of one sample's generator, mixed from (seed, index, stream, *extra)."""
+    if not (0 <= seed < 2**32 and 0 <= index < 2**32):
+        raise ValueError(f"seed and sample index must be in [0, 2**32), got seed={seed}, "
+                         f"index={index}")
+    return mix_seed(seed, index, stream, *extra, bits=64)
 
 
 def _as_index_list(indices: IndexLike) -> list[int]:
@@ -230,7 +231,7 @@ def _channel_vector(v: float | Sequence[float] | torch.Tensor, like: torch.Tenso
 def decode_latents(vae: Any, z: torch.Tensor,
                    scale: float | Sequence[float] | torch.Tensor = 0.18215,
                    bias: float | Sequence[float] | torch.Tensor = 0.0) -> torch.Tensor:
-    """Pixels in [-1, 1] (float32) from model latents z = latent * scale + bias (DESIGN s3).
+    """Pixels in [-1, 1] (float32) from model latents z = latent * scale + bias (docs/CONVENTIONS.md §2).
 
     ``vae`` is a diffusers AutoencoderKL-like object (``vae.decode(latent).sample``); ``scale`` and
     ``bias`` are floats or per-channel vectors (C,), the inverse of what encoding applied.
@@ -247,7 +248,7 @@ def decode_latents(vae: Any, z: torch.Tensor,
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), pixel = clamp(127.5 x + 128, 0, 255) truncated
-    (ADM's conversion, DESIGN s7)."""
+    (ADM's conversion, docs/CONVENTIONS.md §6)."""
     return (127.5 * images.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 

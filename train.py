@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Train SiT on encoded shards: ``accelerate launch train.py ...`` (or plain ``python train.py``).
 
-One function, :func:`train`, reads top to bottom: set-up, data, model, losses, optimizer, resume,
-then the loop (batch -> losses -> backward -> step -> EMA -> log -> sample -> checkpoint).
+The file reads top to bottom in the order of a run: resolve the configuration, build the run
+(:func:`build_run`: accelerator, data, model, EMA, optimizer, objective), start or resume it
+(:class:`Checkpointer`), then :func:`train`'s loop, one screen long, around :func:`train_step`.
 Flags come from :class:`configs.TrainingConfig` (REPA/StableVM/DispLoss names accepted).
 
 Run directory ``OUTPUT_DIR/EXP_NAME``::
 
     config.json            model/data contract read by generate.py + the resolved training config
     ema.safetensors        EMA weights of the latest checkpoint (no projectors), for sampling
+    log.txt                what the run printed (all starts and resumes, appended)
     log.jsonl              one JSON line per logging step
     samples/step-N.png     sample grids from the EMA model (eval mode, fixed noise and labels)
     logs/                  tensorboard / wandb tracker files
@@ -18,7 +20,8 @@ Run directory ``OUTPUT_DIR/EXP_NAME``::
 Exact resume: every random number of step n (posterior sample, label dropout, t, noise, StableVM
 draws) comes from a generator seeded with (seed, rank, n, micro-batch), and the data position,
 EMA, bank and scaler are in the checkpoint, so a resumed run repeats the uninterrupted run's
-losses bit for bit on CPU. Checkpoints are written to a temporary directory and renamed.
+losses bit for bit on CPU (docs/CONVENTIONS.md §8). Checkpoints are written to a temporary
+directory and renamed.
 """
 from __future__ import annotations
 
@@ -29,14 +32,25 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
+import torch.nn as nn
 
+import runtime
+from common import (UsageError, atomic_write_bytes, atomic_write_text, ema_decay, ema_update,
+                    save_safetensors_atomic)
 from configs import TrainingConfig, parse_config
+from losses import DispersiveLoss, MemoryBank, build_stablevm_batch, sample_time
+from losses.objective import AlignmentTerm, si_batch, training_losses
+from preprocessing.shards import (ShardDataset, ShardFormatError, ShardLoader, mix_seed,
+                                  read_manifest)
+from training import dispersive_from_config, step_generator
 
 CKPT_RE = re.compile(r"^step-(\d{7,})$")
 # Fields that fix the model, the data stream or the random streams: a resumed run must match.
@@ -45,14 +59,11 @@ RESUME_KEYS = ("model", "depth", "hidden_size", "num_heads", "qk_norm", "num_cla
                "projector_type", "projector_dim", "projector_kernel_size", "encoder_depth",
                "use_irepa", "batch_size", "gradient_accumulation_steps", "seed", "hflip",
                "latent_norm", "mixed_precision")
-
-
-class UsageError(Exception):
-    """A problem the user can fix: printed without traceback, exit status 2."""
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` / its config
 
 
 # ----------------------------------------------------------------------------------------------
-# Small helpers (pure, or file-level); the loop itself is in train().
+# Configuration: fill what depends on the data or on other fields, and check it.
 
 def lr_at(step: int, cfg: TrainingConfig, total: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant/cosine."""
@@ -65,25 +76,6 @@ def lr_at(step: int, cfg: TrainingConfig, total: int) -> float:
     return cfg.lr_min + 0.5 * (cfg.learning_rate - cfg.lr_min) * (1 + math.cos(math.pi * progress))
 
 
-def ema_decay_at(step: int, cfg: TrainingConfig) -> float:
-    """EMA decay after ``step`` optimizer steps (1-based)."""
-    if cfg.ema_warmup:
-        return min(cfg.ema_decay, (1 + step) / (10 + step))
-    return cfg.ema_decay
-
-
-@torch.no_grad()
-def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * param, one fused kernel per dtype/device group."""
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-def endless(loader):
-    """Batches of epoch after epoch; the loader itself remembers where it is (for resume)."""
-    while True:
-        yield from loader
-
-
 def default_exp_name(cfg: TrainingConfig) -> str:
     parts = [cfg.model.replace("/", "-"), cfg.loss_type]
     if cfg.disp:
@@ -92,6 +84,506 @@ def default_exp_name(cfg: TrainingConfig) -> str:
         parts.append("irepa" if cfg.use_irepa else "repa")
     return "-".join(parts)
 
+
+def launcher_precision() -> str | None:
+    """The mixed precision ``accelerate launch`` (flag or ``accelerate config``) asks for; None
+    when it asks for none. The launcher always sets the variable, "no" by default, so "no" cannot
+    be told apart from "not given" and defers to ``--mixed-precision``."""
+    value = os.environ.get(LAUNCHER_PRECISION_ENV, "no").strip().lower()
+    return None if value in ("", "no") else value
+
+
+def resolve_precision(cfg: TrainingConfig, given: set[str]) -> None:
+    """One source of truth for mixed precision: the launcher's value and ``--mixed-precision``
+    agree, or the run stops. The launcher's value wins over a preset's or the default."""
+    launcher = launcher_precision()
+    if launcher is None:
+        return
+    if launcher not in runtime.PRECISIONS:
+        raise UsageError(f"accelerate launch asks for mixed precision {launcher!r}; train.py "
+                         f"supports {', '.join(runtime.PRECISIONS)}")
+    if "mixed_precision" in given and cfg.mixed_precision != launcher:
+        raise UsageError(f"accelerate launch asks for mixed precision {launcher!r} but "
+                         f"--mixed-precision is {cfg.mixed_precision!r}; give one of them (or "
+                         f"the same value to both)")
+    cfg.mixed_precision = launcher
+
+
+def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> TrainingConfig:
+    """Fill the fields that depend on each other or on the data, and check them."""
+    from models.sit import SiT_models, get_model_config
+    from models.vae import VAE_ALIASES
+    if cfg.model not in SiT_models:
+        raise UsageError(f"unknown model {cfg.model!r}; known: {', '.join(SiT_models)}")
+    if cfg.enc_type and cfg.proj_coeff > 0 and "use_proj_loss" not in given:
+        cfg.use_proj_loss = True  # REPA: giving --enc-type turns the alignment term on
+    if cfg.use_proj_loss and not cfg.enc_type:
+        cfg.enc_type = "dinov2-vit-b"
+    if cfg.use_irepa and "projector_type" not in given:
+        cfg.projector_type = "conv"
+    if manifest is not None:
+        if cfg.resolution is not None and cfg.resolution != manifest["resolution"]:
+            raise UsageError(f"--resolution {cfg.resolution} but the shards in {cfg.data_dir} were "
+                             f"encoded at {manifest['resolution']} px; re-encode or drop the flag")
+        cfg.resolution = manifest["resolution"]
+        if cfg.num_classes is not None and cfg.num_classes != manifest["num_classes"]:
+            raise UsageError(f"--num-classes {cfg.num_classes} but the shards have "
+                             f"{manifest['num_classes']} classes")
+        cfg.num_classes = manifest["num_classes"]
+        if cfg.vae is None and manifest.get("vae"):
+            cfg.vae = manifest["vae"]["vae"]
+    if cfg.wandb:
+        cfg.report_to = "wandb"
+    resolve_precision(cfg, given)
+    cfg.vae = VAE_ALIASES.get(cfg.vae, cfg.vae)
+    if cfg.ckpt and not Path(cfg.ckpt).exists():
+        raise UsageError(f"--ckpt {cfg.ckpt} does not exist")
+    if cfg.ckpt and not cfg.resume and Path(cfg.ckpt).is_dir():
+        cfg.resume = cfg.ckpt  # SiT/DispLoss: --ckpt names what to continue from
+    if cfg.use_proj_loss:
+        depth = cfg.depth or get_model_config(cfg.model)["depth"]
+        if not 1 <= cfg.encoder_depth <= depth:
+            raise UsageError(f"--encoder-depth {cfg.encoder_depth} is outside 1..{depth} (the "
+                             f"projectors read the output of that block of a depth-{depth} model)")
+    if cfg.exp_name is None:
+        cfg.exp_name = default_exp_name(cfg)
+    for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
+                 "checkpointing_steps", "bank_capacity_per_class", "num_sample_images"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.cfg_prob <= 1.0:
+        raise UsageError(f"--cfg-prob must be in [0, 1], got {cfg.cfg_prob}")
+    return cfg
+
+
+def read_data_manifest(cfg: TrainingConfig) -> dict:
+    """The shards' manifest (or a clear message about what is wrong with --data-dir)."""
+    if not cfg.data_dir:
+        raise UsageError("--data-dir is required (a shard directory written by "
+                         "preprocessing/encode.py)")
+    try:
+        return read_manifest(cfg.data_dir)
+    except (FileNotFoundError, ShardFormatError, ValueError) as e:
+        raise UsageError(f"cannot read shards in {cfg.data_dir}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Console and trackers.
+
+class Console:
+    """Prints on the main process and keeps a copy in RUN_DIR/log.txt (as DiT/REPA's logger).
+
+    Lines said before the run directory may be written (checks still running) are buffered and
+    written by :meth:`attach`.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.path: Path | None = None
+        self.pending: list[str] = []
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        print(msg, flush=True)
+        if self.path is None:
+            self.pending.append(msg)
+        else:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+
+    def attach(self, path: Path) -> None:
+        if not self.enabled:
+            return
+        self.path = path
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(path, "a") as f:
+            f.write(f"---- {stamp} train.py {' '.join(sys.argv[1:])}\n")
+            f.writelines(m + "\n" for m in self.pending)
+        self.pending = []
+
+
+def tracker_name(report_to: str) -> str | None:
+    """Resolve --report-to to an accelerate tracker name, with a clear message when missing."""
+    import importlib.util
+    if report_to == "none":
+        return None
+    has_tb = any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX"))
+    if report_to == "auto":
+        return "tensorboard" if has_tb else None
+    if report_to == "tensorboard" and not has_tb:
+        raise UsageError("--report-to tensorboard needs the tensorboard package: "
+                         "pip install tensorboard (or use --report-to none)")
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--report-to wandb needs the wandb package: pip install wandb "
+                         "(or use --report-to tensorboard / none)")
+    return report_to
+
+
+def start_trackers(run: "Run") -> None:
+    """Open the tracker (files under RUN_DIR/logs, wandb's too) with the flat config."""
+    cfg, accelerator = run.cfg, run.accelerator
+    tracker = tracker_name(cfg.report_to)
+    if tracker is None:
+        return
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in cfg.to_dict().items()}
+    init_kwargs = {}
+    if tracker == "wandb":
+        import wandb
+        if os.environ.get("WANDB_KEY"):
+            wandb.login(key=os.environ["WANDB_KEY"])
+        log_dir = run.run_dir / cfg.logging_dir
+        if run.is_main:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        # dir: wandb writes its files (offline runs included) in the run dir, not the cwd
+        init_kwargs = {"wandb": {"entity": os.environ.get("WANDB_ENTITY"), "name": cfg.exp_name,
+                                 "dir": str(log_dir)}}
+    project = os.environ.get("WANDB_PROJECT", cfg.exp_name) if tracker == "wandb" else cfg.exp_name
+    accelerator.init_trackers(project, config=flat, init_kwargs=init_kwargs)
+
+
+def log_image(accelerator, tag: str, image: np.ndarray, step: int) -> None:
+    """Send one uint8 (H, W, 3) image to every open tracker (tensorboard, wandb)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: image[None]}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({tag: [image]}, step)
+
+
+def write_grid(images: torch.Tensor, path: Path, min_cell: int = 48, pad: int = 2) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> one PNG grid, cells upscaled (nearest) to at least ``min_cell`` px
+    and separated by ``pad`` grey pixels; written atomically. Returns the grid (H, W, 3)."""
+    import io
+
+    from PIL import Image
+    n, h, w, _ = images.shape
+    up = max(1, min_cell // max(h, w))
+    cells = images.permute(0, 3, 1, 2).repeat_interleave(up, 2).repeat_interleave(up, 3)
+    ch, cw = h * up, w * up
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.full((3, rows * (ch + pad) + pad, cols * (cw + pad) + pad), 128, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (ch + pad), pad + c * (cw + pad)
+        grid[:, y:y + ch, x:x + cw] = cells[i]
+    array = grid.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return array
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective: turn a batch from the loader into the loss terms (SI or StableVM, + REPA).
+
+class Objective:
+    """Makes the training batch of the configured objective and returns its named loss terms.
+
+    SI: noise the loader's latents (:func:`losses.objective.si_batch`). StableVM: push them into
+    the memory bank and draw the batch from it (:func:`losses.build_stablevm_batch`). With REPA
+    the frozen encoders' features of the batch's images are the alignment targets.
+    """
+
+    def __init__(self, cfg: TrainingConfig, loader: ShardLoader, depth: int, device: torch.device,
+                 encoders: list, bank: MemoryBank | None):
+        self.cfg, self.loader, self.depth, self.device = cfg, loader, depth, device
+        self.encoders, self.bank = encoders, bank
+        try:
+            self.disp: DispersiveLoss | None = dispersive_from_config(cfg, depth)
+            if self.disp is not None:
+                self.disp.feature_blocks(depth)
+        except ValueError as e:
+            raise UsageError(f"--disp: {e}") from None
+        self.align = None
+        if encoders:
+            self.align = AlignmentTerm(cfg.proj_coeff, cfg.proj_weight_schedule, cfg.proj_tau,
+                                       cfg.proj_k, cfg.irepa_gamma if cfg.use_irepa else None)
+
+    def _times(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        return sample_time(n, cfg.weighting, path_type=cfg.path_type, shift=cfg.time_shift,
+                           generator=generator)
+
+    def batch(self, raw: dict, g: torch.Generator) -> tuple[dict, list | None]:
+        """The noisy batch (x_t, t, y, target, ...) and the encoders' targets (or None)."""
+        cfg, device = self.cfg, self.device
+        x = self.loader.to_latents(raw["x"].to(device, non_blocking=True), g)
+        y = raw["y"].to(device, non_blocking=True)
+        images = raw.get("image")
+        if self.bank is None:
+            b = si_batch(x, y, num_classes=cfg.num_classes, cfg_prob=cfg.cfg_prob,
+                         path_type=cfg.path_type, time_sampler=cfg.weighting,
+                         time_shift=cfg.time_shift, generator=g)
+        else:
+            code = raw["position"] * 2 + raw["flip"].long()  # to re-read the pixels later
+            self.bank.push(x, y, code)
+            b = build_stablevm_batch(self.bank, cfg.num_classes, x.shape[0], cfg.cfg_prob,
+                                     cfg.path_type, g, time_sampler=self._times,
+                                     split=cfg.stablevm_split, efficient=cfg.stablevm_efficient,
+                                     device=device)
+            if self.encoders:
+                images = bank_images(self.loader.ds, b["indices"])
+        if not self.encoders:
+            return b, None
+        with torch.no_grad():
+            imgs = images.to(device, non_blocking=True)
+            return b, [enc(imgs) for enc in self.encoders]
+
+    def losses(self, model: nn.Module, b: dict, targets: list | None) -> dict[str, torch.Tensor]:
+        with runtime.autocast(self.device, self.cfg.mixed_precision):
+            return training_losses(model, b, depth=self.depth, path_type=self.cfg.path_type,
+                                   disp=self.disp, align=self.align, align_targets=targets)
+
+    def prefill_bank(self, run: "Run") -> None:
+        """Fill the StableVM bank before step 0 from its own data stream, so the training data
+        order does not depend on it."""
+        cfg = self.cfg
+        prefill_loader = ShardLoader(run.dataset, run.micro_batch, rank=run.rank,
+                                     world_size=run.world, seed=mix_seed(cfg.seed, 0xBA4C),
+                                     hflip=cfg.hflip, output="raw")
+        g = step_generator(cfg.seed, run.rank, -1, 0xF111, self.device)
+        mode = "full" if cfg.prefill_bank_fully else "one_per_class"
+        try:
+            info = self.bank.prefill(
+                endless(prefill_loader), mode,
+                latents_fn=lambda b: self.loader.to_latents(b["x"].to(self.device), g),
+                max_batches=100 * (len(prefill_loader) + 1))
+        except RuntimeError as e:
+            raise UsageError(str(e)) from None
+        run.say(f"StableVM bank prefilled ({mode}): {info['samples']} samples; {self.bank}")
+
+
+def bank_images(dataset: ShardDataset, codes: torch.Tensor) -> torch.Tensor:
+    """uint8 images of the bank entries ``codes`` (= position * 2 + flip), in the given order."""
+    codes = codes.cpu().numpy()
+    if (codes < 0).any():
+        raise RuntimeError("a StableVM bank entry has no dataset index (cannot read its pixels)")
+    pos, flip = codes // 2, (codes % 2).astype(bool)
+    got = dataset.gather(pos, torch.from_numpy(flip), with_images=True)
+    # gather returns rows sorted by (position, flip); put them back in the requested order
+    order = np.argsort(codes, kind="stable")
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    return got["image"][torch.from_numpy(inverse)]
+
+
+def endless(loader) -> Iterator[dict]:
+    """Batches of epoch after epoch; the loader itself remembers where it is (for resume)."""
+    while True:
+        yield from loader
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the run: accelerator, data, model + EMA, optimizer, objective.
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`build_run`."""
+    cfg: TrainingConfig
+    accelerator: object
+    say: Console
+    run_dir: Path
+    switches: dict
+    micro_batch: int
+    dataset: ShardDataset
+    loader: ShardLoader
+    model: nn.Module            # as prepared by accelerate (DDP-wrapped / compiled)
+    ema: nn.Module
+    ema_params: list
+    trainable: list
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    objective: Objective
+    model_kwargs: dict
+    n_params: int
+    macs: int
+    manifest_sha: str | None    # identifies the shards' encoding settings (config.json)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def make_accelerator(cfg: TrainingConfig, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    # mixed_precision="no" for accelerate itself: runtime.autocast applies cfg.mixed_precision
+    # (resolved with the launcher's value) and our GradScaler scales fp16, on CPU as on GPU.
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision="no",
+        log_with=tracker_name(cfg.report_to),
+        project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                            logging_dir=str(run_dir / cfg.logging_dir)))
+
+
+def make_data(cfg: TrainingConfig, micro_batch: int, rank: int, world: int
+              ) -> tuple[ShardDataset, ShardLoader]:
+    try:
+        dataset = ShardDataset(cfg.data_dir, cfg.latent_norm, with_images=cfg.use_proj_loss)
+    except ValueError as e:  # e.g. REPA without stored images
+        raise UsageError(f"{e}") from None
+    loader = ShardLoader(dataset, micro_batch, rank=rank, world_size=world, seed=cfg.seed,
+                         hflip=cfg.hflip, output="raw", num_threads=max(1, cfg.num_workers))
+    steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
+    if steps_per_epoch < 1:
+        raise UsageError(f"{len(dataset)} samples cannot fill one optimizer step of "
+                         f"{cfg.batch_size} samples")
+    if cfg.epochs is not None:
+        cfg.max_train_steps = cfg.epochs * steps_per_epoch
+    return dataset, loader
+
+
+def make_model(cfg: TrainingConfig, dataset: ShardDataset, accelerator, say: Console
+               ) -> tuple[nn.Module, list, dict]:
+    """SiT (identical init on every rank), the frozen REPA encoders, and the model kwargs that
+    generate.py needs to rebuild it."""
+    from models.sit import SiT_models, load_checkpoint
+    encoders = []
+    if cfg.use_proj_loss:
+        from models.encoders import check_token_grid, load_encoders
+        from models.vae import WeightsNotFound
+        enc_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+        try:
+            encoders = load_encoders(cfg.enc_type, cfg.resolution, accelerator.device, enc_dtype,
+                                     cfg.encoder_weights_dir, state=accelerator.state)
+        except (WeightsNotFound, FileNotFoundError, KeyError, ValueError) as e:
+            raise UsageError(str(e)) from None
+    size = {k: v for k, v in (("depth", cfg.depth), ("hidden_size", cfg.hidden_size),
+                              ("num_heads", cfg.num_heads)) if v is not None}
+    model_kwargs = dict(size, qk_norm=cfg.qk_norm)
+    proj_kwargs = {}
+    if encoders:
+        proj_kwargs = dict(z_dims=[e.embed_dim for e in encoders], encoder_depth=cfg.encoder_depth,
+                           projector_dim=cfg.projector_dim, projector_type=cfg.projector_type,
+                           projector_kernel_size=cfg.projector_kernel_size)
+    c, h, w = dataset.latent_shape
+    torch.manual_seed(cfg.seed)
+    try:
+        model = SiT_models[cfg.model](input_size=h, in_channels=c, num_classes=cfg.num_classes,
+                                      **model_kwargs, **proj_kwargs)
+    except ValueError as e:
+        raise UsageError(f"{cfg.model} does not fit the shards in {cfg.data_dir} ({c} channels, "
+                         f"{h}x{w}): {e}") from None
+    if cfg.ckpt and Path(cfg.ckpt).is_file():
+        try:  # projectors may differ (e.g. REPA weights into a run without REPA)
+            load_checkpoint(model, cfg.ckpt, strict=False)
+        except (ValueError, KeyError, OSError) as e:
+            raise UsageError(f"--ckpt {cfg.ckpt}: {e}") from None
+        say(f"initialised the model (and EMA) from {cfg.ckpt}")
+    for enc in encoders:
+        say(check_token_grid(enc, model.grid))
+    return model, encoders, model_kwargs
+
+
+def build_run(cfg: TrainingConfig, given: set[str]) -> Run:
+    """Resolve ``cfg`` against the data and build every object of the run (nothing is written)."""
+    manifest = read_data_manifest(cfg)
+    cfg = resolve(cfg, given, manifest)
+    run_dir = Path(cfg.output_dir) / cfg.exp_name
+    accelerator = make_accelerator(cfg, run_dir)
+    world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
+    if cfg.batch_size % (world * accum):
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes x "
+                         f"{accum} accumulation steps")
+    micro_batch = cfg.batch_size // (world * accum)
+    device = accelerator.device
+    switches = runtime.configure(device, cfg.allow_tf32, cfg.mixed_precision, cfg.compile)
+    say = Console(accelerator.is_main_process)
+    dataset, loader = make_data(cfg, micro_batch, accelerator.process_index, world)
+
+    model, encoders, model_kwargs = make_model(cfg, dataset, accelerator, say)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    macs, depth = model.forward_macs(), model.depth
+    if cfg.compile:
+        model.compile()  # in place: state-dict names stay free of "_orig_mod."
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                  fused=switches["fused_adamw"] or None)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    ema.to(device)
+    ema_params = [p for p, q in zip(ema.parameters(), raw_model.parameters()) if q.requires_grad]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+
+    bank = None
+    if cfg.loss_type == "stablevm":
+        bank = MemoryBank(cfg.num_classes, dataset.latent_shape, cfg.bank_capacity_per_class,
+                          device=device, store_indices=True)
+    objective = Objective(cfg, loader, depth, device, encoders, bank)
+    return Run(cfg=cfg, accelerator=accelerator, say=say, run_dir=run_dir, switches=switches,
+               micro_batch=micro_batch, dataset=dataset, loader=loader, model=model, ema=ema,
+               ema_params=ema_params, trainable=trainable, optimizer=optimizer, scaler=scaler,
+               objective=objective, model_kwargs=model_kwargs, n_params=n_params, macs=macs,
+               manifest_sha=manifest.get("config_sha256"))
+
+
+def run_config(run: Run) -> dict:
+    """config.json: the model/data contract generate.py reads, plus the resolved training config."""
+    cfg, ds = run.cfg, run.dataset
+    c, h, _ = ds.latent_shape
+    return {
+        "model": cfg.model, "input_size": h, "in_channels": c, "num_classes": cfg.num_classes,
+        "model_kwargs": run.model_kwargs, "vae": cfg.vae,
+        "latent_scale": ds.scale.flatten().tolist(), "latent_bias": ds.bias.flatten().tolist(),
+        "path_type": cfg.path_type, "train": cfg.to_dict(), "runtime": run.switches,
+        "world_size": run.world, "micro_batch_size": run.micro_batch, "parameters": run.n_params,
+        "data": {"dir": str(cfg.data_dir), "count": len(ds), "key": ds.key,
+                 "config_sha256": run.manifest_sha},
+    }
+
+
+def summary(run: Run) -> str:
+    """The few lines a run prints at start (config.json has the rest)."""
+    cfg, ds = run.cfg, run.dataset
+    terms = [cfg.loss_type] + (["disp"] if cfg.disp else []) + (
+        ["irepa" if cfg.use_irepa else "repa"] if cfg.use_proj_loss else [])
+    source = " (from accelerate launch)" if launcher_precision() else ""
+    arch = ", ".join(f"{k} {v}" for k, v in run.model_kwargs.items() if k != "qk_norm")
+    accum = cfg.gradient_accumulation_steps
+    return "\n".join([
+        f"model    {cfg.model}{f' ({arch})' if arch else ''}: {run.n_params / 1e6:.2f}M "
+        f"trainable parameters; objective {' + '.join(terms)}",
+        f"data     {cfg.data_dir}: {len(ds)} samples of {'x'.join(map(str, ds.latent_shape))}, "
+        f"{cfg.num_classes} classes",
+        f"batch    {cfg.batch_size} = {run.world} process(es) x {run.micro_batch} x {accum} "
+        f"accumulation; {len(run.loader) // accum} steps per epoch; {cfg.max_train_steps} steps "
+        f"at lr {cfg.learning_rate:g}",
+        f"numerics {run.device}, precision {cfg.mixed_precision}{source}, "
+        f"TF32 {'on' if run.switches['tf32'] else 'off'}, compile {'on' if cfg.compile else 'off'}",
+        f"run dir  {run.run_dir} (config.json has the full configuration)",
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: find, check, load, save, prune.
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """Finished checkpoints (renamed from their temporary name), oldest first."""
@@ -126,539 +618,285 @@ def find_resume(spec: str | None, resume_step: int, ckpt_dir: Path) -> Path | No
     return p
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    from preprocessing.shards import atomic_write_bytes
-    atomic_write_bytes(path, text.encode())
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
-                            metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
-    from preprocessing.shards import atomic_write_bytes
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(cpu, metadata=metadata))
-
-
-def sampling_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def sampling_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The EMA weights generate.py needs (projectors are training-only)."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith("projectors.")}
 
 
-def write_grid(images: torch.Tensor, path: Path, min_cell: int = 48, pad: int = 2) -> None:
-    """uint8 (N, H, W, 3) -> one PNG grid, cells upscaled (nearest) to at least ``min_cell`` px
-    and separated by ``pad`` grey pixels; written atomically."""
-    import io
+class Checkpointer:
+    """checkpoints/step-N: written to a temporary directory and renamed, the last K kept; the
+    start of a run (fresh or resumed) and everything it checks first."""
 
-    from PIL import Image
+    def __init__(self, run: Run):
+        self.run = run
+        self.dir = run.run_dir / "checkpoints"
 
-    from preprocessing.shards import atomic_write_bytes
-    n, h, w, _ = images.shape
-    up = max(1, min_cell // max(h, w))
-    cells = images.permute(0, 3, 1, 2).repeat_interleave(up, 2).repeat_interleave(up, 3)
-    ch, cw = h * up, w * up
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = torch.full((3, rows * (ch + pad) + pad, cols * (cw + pad) + pad), 128, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        y, x = pad + r * (ch + pad), pad + c * (cw + pad)
-        grid[:, y:y + ch, x:x + cw] = cells[i]
-    buf = io.BytesIO()
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    def start(self) -> int:
+        """Check the run directory, write config.json, load the checkpoint to resume (if any);
+        returns the step to continue from."""
+        run, cfg = self.run, self.run.cfg
+        resume_from = find_resume(cfg.resume, cfg.resume_step, self.dir)
+        if resume_from is None and list_checkpoints(self.dir):
+            raise UsageError(f"{run.run_dir} already has checkpoints; pass --resume latest to "
+                             "continue it or choose another --exp-name / --output-dir")
+        saved = run.run_dir / "config.json"
+        if resume_from is not None:
+            self._check_resumable(resume_from, saved)
+        if run.is_main:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(saved, json.dumps(run_config(run), indent=2) + "\n")
+            run.say.attach(run.run_dir / "log.txt")
+        run.say(summary(run))
+        run.accelerator.wait_for_everyone()
+        step = 0 if resume_from is None else self.load(resume_from)
+        self._truncate_log(step)
+        return step
+
+    def _check_resumable(self, resume_from: Path, saved_config: Path) -> None:
+        run, cfg = self.run, self.run.cfg
+        n = len(list(resume_from.glob("rank-*.json")))
+        if n != run.world:  # each process resumes its own data position and bank
+            raise UsageError(f"{resume_from} was written by {n} process(es); resume it with the "
+                             f"same number (now {run.world})")
+        if saved_config.is_file():
+            old = json.loads(saved_config.read_text()).get("train", {})
+            diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
+                    if k in old and old[k] != getattr(cfg, k)]
+            if diff:
+                raise UsageError(f"cannot resume {run.run_dir} with a different configuration:"
+                                 "\n  " + "\n  ".join(diff))
+
+    def load(self, path: Path) -> int:
+        from safetensors.torch import load_file
+        run = self.run
+        mine = json.loads((path / f"rank-{run.rank}.json").read_text())
+        try:
+            run.loader.load_state_dict(mine["loader"])
+        except ValueError as e:  # another batch size, seed or dataset
+            raise UsageError(f"{path}: {e}") from None
+        run.accelerator.load_state(str(path))
+        run.ema.load_state_dict(load_file(path / "ema.safetensors"))  # copies onto the device
+        if mine.get("scaler"):
+            run.scaler.load_state_dict(mine["scaler"])
+        bank = run.objective.bank
+        if bank is not None:
+            bank.load_state_dict(load_file(path / f"bank-{run.rank}.safetensors"))
+        run.say(f"resumed from {path} at step {mine['step']}")
+        return int(mine["step"])
+
+    def _truncate_log(self, step: int) -> None:
+        """Keep log.jsonl true to the resumed history: drop lines written after the checkpoint."""
+        log_path = self.run.run_dir / "log.jsonl"
+        if self.run.is_main and log_path.is_file():
+            kept = [ln for ln in log_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+
+    def has(self, step: int) -> bool:
+        return (self.dir / f"step-{step:07d}").is_dir()
+
+    def save(self, step: int) -> None:
+        """Write checkpoints/step-N atomically (temp dir, then rename) and keep the last K."""
+        run = self.run
+        final, tmp = self.dir / f"step-{step:07d}", self.dir / f".tmp-step-{step:07d}"
+        if run.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        run.accelerator.wait_for_everyone()
+        run.accelerator.save_state(str(tmp))
+        state = {"step": step, "loader": run.loader.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None}
+        atomic_write_text(tmp / f"rank-{run.rank}.json", json.dumps(state))
+        if run.objective.bank is not None:
+            save_safetensors_atomic(run.objective.bank.state_dict(),
+                                    tmp / f"bank-{run.rank}.safetensors")
+        if run.is_main:
+            save_safetensors_atomic(run.ema.state_dict(), tmp / "ema.safetensors")
+        run.accelerator.wait_for_everyone()
+        if run.is_main:
+            os.replace(tmp, final)
+            save_safetensors_atomic(sampling_state_dict(run.ema), run.run_dir / "ema.safetensors",
+                                    metadata={"step": str(step)})
+            self._prune()
+        run.accelerator.wait_for_everyone()
+
+    def _prune(self) -> None:
+        limit = self.run.cfg.checkpoints_total_limit
+        old = list_checkpoints(self.dir)
+        for _, p in (old[:-limit] if limit > 0 else []):
+            doomed = p.with_name(".tmp-delete-" + p.name)
+            os.replace(p, doomed)  # a half-deleted checkpoint never looks finished
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+# ----------------------------------------------------------------------------------------------
+# Hooks of the loop: metrics at log points, sample grids.
+
+class MetricsLog:
+    """Sums the loss terms on the device between log points; :meth:`write` is the only host sync
+    of the loop. Writes log.jsonl, the trackers and the progress bar."""
+
+    def __init__(self, run: Run, bar):
+        self.run, self.bar = run, bar
+        cfg = run.cfg
+        self.peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else
+                     runtime.peak_flops(run.device, cfg.mixed_precision, cfg.allow_tf32))
+        self.skipped = torch.zeros((), device=run.device)
+        self.last: dict = {}
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.skipped += (~torch.isfinite(terms["grad_norm"])).float()
+        self.steps += 1
+
+    def write(self, step: int, lr: float) -> dict:
+        run, cfg = self.run, self.run.cfg
+        names = sorted(self.sums)
+        vals = torch.stack([self.sums[k] for k in names]) / self.steps
+        vals = run.accelerator.reduce(vals, reduction="mean")
+        img_s = self.steps * cfg.batch_size / (time.perf_counter() - self.t0)
+        rec = {"step": step, **{k: float(v) for k, v in zip(names, vals.tolist())},
+               "lr": lr, "img_per_s": img_s, "epoch": run.loader.epoch,
+               "skipped_steps": int(run.accelerator.reduce(self.skipped, "sum").item()),
+               "memory_mb": memory_mb(run.device)}
+        if run.scaler.is_enabled():
+            rec["loss_scale"] = run.scaler.get_scale()
+        if self.peak:
+            rec["mfu"] = 6 * run.macs * img_s / run.world / self.peak  # fwd+bwd = 3 fwd, 2 FLOP/MAC
+        nonfinite = [k for k in ("loss", "si") if not math.isfinite(rec.get(k, 0.0))]
+        if nonfinite and not run.scaler.is_enabled() and run.is_main:
+            raise RuntimeError(f"non-finite loss at step {step}: {rec}; the last checkpoint "
+                               f"is in {run.run_dir / 'checkpoints'}")
+        if run.is_main:
+            with open(run.run_dir / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+        run.accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+        self.last = rec
+        self.restart()
+        return rec
 
 
-def _tracker(report_to: str) -> str | None:
-    """Resolve --report-to to an accelerate tracker name, with a clear message when missing."""
-    import importlib.util
-    if report_to == "none":
-        return None
-    has_tb = any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX"))
-    if report_to == "auto":
-        return "tensorboard" if has_tb else None
-    if report_to == "tensorboard" and not has_tb:
-        raise UsageError("--report-to tensorboard needs the tensorboard package: "
-                         "pip install tensorboard (or use --report-to none)")
-    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise UsageError("--report-to wandb needs the wandb package: pip install wandb "
-                         "(or use --report-to tensorboard / none)")
-    return report_to
+class SampleGrid:
+    """samples/step-N.png from the EMA model (eval mode, fixed noise and labels), also sent to
+    the trackers. The VAE (for latent runs) is loaded on first use."""
 
+    def __init__(self, run: Run):
+        self.run = run
+        self.vae = None
+        self.warned = False
 
-def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> TrainingConfig:
-    """Fill the fields that depend on each other or on the data, and check them."""
-    from models.sit import SiT_models
-    if cfg.model not in SiT_models:
-        raise UsageError(f"unknown model {cfg.model!r}; known: {', '.join(SiT_models)}")
-    if cfg.enc_type and cfg.proj_coeff > 0 and "use_proj_loss" not in given:
-        cfg.use_proj_loss = True  # REPA: giving --enc-type turns the alignment term on
-    if cfg.use_proj_loss and not cfg.enc_type:
-        cfg.enc_type = "dinov2-vit-b"
-    if cfg.use_irepa and "projector_type" not in given:
-        cfg.projector_type = "conv"
-    if manifest is not None:
-        if cfg.resolution is not None and cfg.resolution != manifest["resolution"]:
-            raise UsageError(f"--resolution {cfg.resolution} but the shards in {cfg.data_dir} were "
-                             f"encoded at {manifest['resolution']} px; re-encode or drop the flag")
-        cfg.resolution = manifest["resolution"]
-        if cfg.num_classes is not None and cfg.num_classes != manifest["num_classes"]:
-            raise UsageError(f"--num-classes {cfg.num_classes} but the shards have "
-                             f"{manifest['num_classes']} classes")
-        cfg.num_classes = manifest["num_classes"]
-        if cfg.vae is None and manifest.get("vae"):
-            cfg.vae = manifest["vae"]["vae"]
-    if cfg.wandb:
-        cfg.report_to = "wandb"
-    from models.vae import VAE_ALIASES
-    cfg.vae = VAE_ALIASES.get(cfg.vae, cfg.vae)
-    if cfg.ckpt and not Path(cfg.ckpt).exists():
-        raise UsageError(f"--ckpt {cfg.ckpt} does not exist")
-    if cfg.ckpt and not cfg.resume and Path(cfg.ckpt).is_dir():
-        cfg.resume = cfg.ckpt  # SiT/DispLoss: --ckpt names what to continue from
-    if cfg.use_proj_loss:
-        from models.sit import get_model_config
-        depth = cfg.depth or get_model_config(cfg.model)["depth"]
-        if not 1 <= cfg.encoder_depth <= depth:
-            raise UsageError(f"--encoder-depth {cfg.encoder_depth} is outside 1..{depth} (the "
-                             f"projectors read the output of that block of a depth-{depth} model)")
-    if cfg.exp_name is None:
-        cfg.exp_name = default_exp_name(cfg)
-    for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
-                 "checkpointing_steps", "bank_capacity_per_class", "num_sample_images"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.cfg_prob <= 1.0:
-        raise UsageError(f"--cfg-prob must be in [0, 1], got {cfg.cfg_prob}")
-    return cfg
+    def __call__(self, step: int) -> None:
+        from samplers import images_to_uint8, sample_ode
+        run, cfg = self.run, self.run.cfg
+        out_path = run.run_dir / "samples" / f"step-{step:07d}.png"
+        if not run.is_main or out_path.is_file():  # e.g. a rerun of a finished run
+            return
+        if cfg.vae and self.vae is None and not self._load_vae():
+            return
+        n = cfg.num_sample_images
+        labels = torch.arange(n, device=run.device) % cfg.num_classes
+        ds = run.dataset
+        out = sample_ode(run.ema, (n, *ds.latent_shape), num_steps=cfg.sample_num_steps,
+                         cfg_scale=cfg.sample_cfg_scale, y=labels, seed=cfg.seed,
+                         path_type=cfg.path_type, vae=self.vae,
+                         latent_scale=ds.scale.flatten(), latent_bias=ds.bias.flatten())
+        images = out["images"] if isinstance(out, dict) else out.clamp(-1, 1)
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        (run.run_dir / "samples").mkdir(exist_ok=True)
+        grid = write_grid(images_to_uint8(images), out_path)
+        log_image(run.accelerator, "samples", grid, step)
 
-
-def _fail_early(cfg: TrainingConfig) -> dict:
-    """Read the manifest (or say what is wrong with --data-dir)."""
-    from preprocessing.shards import ShardFormatError, read_manifest
-    if not cfg.data_dir:
-        raise UsageError("--data-dir is required (a shard directory written by "
-                         "preprocessing/encode.py)")
-    try:
-        return read_manifest(cfg.data_dir)
-    except (FileNotFoundError, ShardFormatError, ValueError) as e:
-        raise UsageError(f"cannot read shards in {cfg.data_dir}: {e}") from None
+    def _load_vae(self) -> bool:
+        from models.vae import WeightsNotFound, load_vae
+        try:
+            self.vae, _ = load_vae(self.run.cfg.vae, self.run.device)
+            return True
+        except (WeightsNotFound, ImportError) as e:
+            if not self.warned:
+                self.run.say(f"sample grids skipped: {e}")
+                self.warned = True
+            return False
 
 
 # ----------------------------------------------------------------------------------------------
 # The training run.
 
+def train_step(run: Run, data: Iterator[dict], step: int) -> dict[str, torch.Tensor]:
+    """One optimizer step (all micro-batches) and the EMA update; returns the loss terms and the
+    gradient norm as device tensors (no host sync)."""
+    cfg, accum = run.cfg, run.cfg.gradient_accumulation_steps
+    terms_sum: dict[str, torch.Tensor] = {}
+    for micro in range(accum):
+        g = step_generator(cfg.seed, run.rank, step, micro, run.device)
+        b, targets = run.objective.batch(next(data), g)
+        last = micro == accum - 1
+        with contextlib.nullcontext() if last else run.accelerator.no_sync(run.model):
+            terms = run.objective.losses(run.model, b, targets)
+            run.scaler.scale(terms["loss"] / accum).backward()
+        for k, v in terms.items():
+            terms_sum[k] = terms_sum.get(k, 0) + v.detach().float() / accum
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        run.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    run.scaler.step(run.optimizer)  # skipped by the scaler when the fp16 gradients are not finite
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    ema_update(run.ema_params, run.trainable, ema_decay(step + 1, cfg.ema_decay, cfg.ema_warmup))
+    terms_sum["grad_norm"] = grad_norm.detach().float()
+    return terms_sum
+
+
 def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
     """Run the training described by ``cfg``; returns a summary (final step, last losses)."""
-    given = set(given or ())
-    manifest = _fail_early(cfg)
-    cfg = resolve(cfg, given, manifest)
-
-    # -- processes, devices, numerics -----------------------------------------------------------
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    import runtime
-    run_dir = Path(cfg.output_dir) / cfg.exp_name
-    tracker = _tracker(cfg.report_to)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), log_with=tracker,
-        project_config=ProjectConfiguration(project_dir=str(run_dir),
-                                            logging_dir=str(run_dir / cfg.logging_dir)))
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    accum = cfg.gradient_accumulation_steps
-    if cfg.batch_size % (world * accum):
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes x "
-                         f"{accum} accumulation steps")
-    micro_batch = cfg.batch_size // (world * accum)
-    switches = runtime.configure(device, cfg.allow_tf32, cfg.mixed_precision, cfg.compile)
-
-    def say(msg: str) -> None:
-        if is_main:
-            print(msg, flush=True)
-
-    # -- data -----------------------------------------------------------------------------------
-    from preprocessing.shards import ShardDataset, ShardLoader, mix_seed
-    try:
-        dataset = ShardDataset(cfg.data_dir, cfg.latent_norm, with_images=cfg.use_proj_loss)
-    except ValueError as e:  # e.g. REPA without stored images
-        raise UsageError(f"{e}") from None
-    loader = ShardLoader(dataset, micro_batch, rank=rank, world_size=world, seed=cfg.seed,
-                         hflip=cfg.hflip, output="raw", num_threads=max(1, cfg.num_workers))
-    steps_per_epoch = len(loader) // accum
-    if cfg.epochs is not None:
-        cfg.max_train_steps = cfg.epochs * steps_per_epoch
-    latent_shape = dataset.latent_shape
-    if steps_per_epoch < 1:
-        raise UsageError(f"{len(dataset)} samples cannot fill one optimizer step of "
-                         f"{cfg.batch_size} samples")
-
-    # -- model (identical init on every rank), EMA ----------------------------------------------
-    from models.sit import SiT_models
-    encoders = []
-    if cfg.use_proj_loss:
-        from models.encoders import check_token_grid, load_encoders
-        from models.vae import WeightsNotFound
-        enc_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-        try:
-            encoders = load_encoders(cfg.enc_type, cfg.resolution, device, enc_dtype,
-                                     cfg.encoder_weights_dir, state=accelerator.state)
-        except (WeightsNotFound, FileNotFoundError, KeyError, ValueError) as e:
-            raise UsageError(str(e)) from None
-    size = {k: v for k, v in (("depth", cfg.depth), ("hidden_size", cfg.hidden_size),
-                              ("num_heads", cfg.num_heads)) if v is not None}
-    model_kwargs = dict(size, qk_norm=cfg.qk_norm)
-    proj_kwargs = {}
-    if encoders:
-        proj_kwargs = dict(z_dims=[e.embed_dim for e in encoders], encoder_depth=cfg.encoder_depth,
-                           projector_dim=cfg.projector_dim, projector_type=cfg.projector_type,
-                           projector_kernel_size=cfg.projector_kernel_size)
-    torch.manual_seed(cfg.seed)
-    try:
-        model = SiT_models[cfg.model](input_size=latent_shape[1], in_channels=latent_shape[0],
-                                      num_classes=cfg.num_classes, **model_kwargs, **proj_kwargs)
-    except ValueError as e:
-        raise UsageError(f"{cfg.model} does not fit the shards in {cfg.data_dir} "
-                         f"({latent_shape[0]} channels, {latent_shape[1]}x{latent_shape[2]}): {e}"
-                         ) from None
-    if cfg.ckpt and Path(cfg.ckpt).is_file():
-        from models.sit import load_checkpoint
-        try:  # projectors may differ (e.g. REPA weights into a run without REPA)
-            load_checkpoint(model, cfg.ckpt, strict=False)
-        except (ValueError, KeyError, OSError) as e:
-            raise UsageError(f"--ckpt {cfg.ckpt}: {e}") from None
-        say(f"initialised the model (and EMA) from {cfg.ckpt}")
-    depth = model.depth
-    for enc in encoders:
-        say(check_token_grid(enc, model.grid))
-    from training import dispersive_from_config, step_generator
-    try:
-        disp = dispersive_from_config(cfg, depth)
-        if disp is not None:
-            disp.feature_blocks(depth)
-    except ValueError as e:
-        raise UsageError(f"--disp: {e}") from None
-    align = None
-    if encoders:
-        from losses.objective import AlignmentTerm
-        align = AlignmentTerm(cfg.proj_coeff, cfg.proj_weight_schedule, cfg.proj_tau, cfg.proj_k,
-                              cfg.irepa_gamma if cfg.use_irepa else None)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    macs = model.forward_macs()
-    if cfg.compile:
-        model.compile()  # in place: state-dict names stay free of "_orig_mod."
-
-    # -- optimizer ------------------------------------------------------------------------------
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-                                  fused=switches["fused_adamw"] or None)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    ema.to(device)
-    ema_params = [p for p, q in zip(ema.parameters(), raw_model.parameters()) if q.requires_grad]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-
-    # -- StableVM bank --------------------------------------------------------------------------
-    bank = None
-    if cfg.loss_type == "stablevm":
-        from losses import MemoryBank
-        bank = MemoryBank(cfg.num_classes, latent_shape, cfg.bank_capacity_per_class,
-                          device=device, store_indices=True)
-
-    # -- run directory, resume ------------------------------------------------------------------
-    ckpt_dir = run_dir / "checkpoints"
-    resume_from = find_resume(cfg.resume, cfg.resume_step, ckpt_dir)
-    saved_cfg_path = run_dir / "config.json"
-    if resume_from is None and list_checkpoints(ckpt_dir):
-        raise UsageError(f"{run_dir} already has checkpoints; pass --resume latest to continue "
-                         "it or choose another --exp-name / --output-dir")
-    if resume_from is not None:
-        n = len(list(resume_from.glob("rank-*.json")))
-        if n != world:  # each process resumes its own data position and bank
-            raise UsageError(f"{resume_from} was written by {n} process(es); resume it with the "
-                             f"same number (now {world})")
-    if resume_from is not None and saved_cfg_path.is_file():
-        old = json.loads(saved_cfg_path.read_text()).get("train", {})
-        diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
-                if k in old and old[k] != getattr(cfg, k)]
-        if diff:
-            raise UsageError(f"cannot resume {run_dir} with a different configuration:\n  "
-                             + "\n  ".join(diff))
-    run_config = {
-        "model": cfg.model, "input_size": latent_shape[1], "in_channels": latent_shape[0],
-        "num_classes": cfg.num_classes, "model_kwargs": model_kwargs, "vae": cfg.vae,
-        "latent_scale": dataset.scale.flatten().tolist(),
-        "latent_bias": dataset.bias.flatten().tolist(), "path_type": cfg.path_type,
-        "train": cfg.to_dict(), "runtime": switches, "world_size": world,
-        "micro_batch_size": micro_batch, "parameters": n_params, "data": {
-            "dir": str(cfg.data_dir), "count": len(dataset), "key": dataset.key,
-            "config_sha256": manifest.get("config_sha256")},
-    }
-    say(json.dumps(run_config, indent=2))
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved_cfg_path, json.dumps(run_config, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-
-    step = 0
-    if resume_from is not None:
-        mine = json.loads((resume_from / f"rank-{rank}.json").read_text())
-        try:
-            loader.load_state_dict(mine["loader"])
-        except ValueError as e:  # another batch size, seed or dataset
-            raise UsageError(f"{resume_from}: {e}") from None
-        accelerator.load_state(str(resume_from))
-        from safetensors.torch import load_file
-        ema.load_state_dict(load_file(resume_from / "ema.safetensors"))  # copies onto device
-        step = int(mine["step"])
-        if mine.get("scaler"):
-            scaler.load_state_dict(mine["scaler"])
-        if bank is not None:
-            bank.load_state_dict(load_file(resume_from / f"bank-{rank}.safetensors"))
-        say(f"resumed from {resume_from} at step {step}")
-    log_path = run_dir / "log.jsonl"
-    if is_main and log_path.is_file():
-        # Keep the log true to the resumed history: drop lines written after the checkpoint.
-        kept = [ln for ln in log_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
-
-    def checkpoint(step: int) -> None:
-        """Write checkpoints/step-N atomically (temp dir, then rename) and keep the last K."""
-        final = ckpt_dir / f"step-{step:07d}"
-        tmp = ckpt_dir / f".tmp-step-{step:07d}"
-        if is_main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            for stale in ckpt_dir.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if os.environ.get("TRAIN_TEST_KILL_IN_CHECKPOINT") == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with a half-written checkpoint
-        state = {"step": step, "loader": loader.state_dict(),
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-        atomic_write_text(tmp / f"rank-{rank}.json", json.dumps(state))
-        if bank is not None:
-            save_safetensors_atomic(bank.state_dict(), tmp / f"bank-{rank}.safetensors")
-        if is_main:
-            save_safetensors_atomic(ema.state_dict(), tmp / "ema.safetensors")
-        accelerator.wait_for_everyone()
-        if is_main:
-            os.replace(tmp, final)
-            save_safetensors_atomic(sampling_state_dict(ema), run_dir / "ema.safetensors",
-                                    metadata={"step": str(step)})
-            limit = cfg.checkpoints_total_limit
-            old = list_checkpoints(ckpt_dir)
-            for _, p in (old[:-limit] if limit > 0 else []):
-                doomed = p.with_name(".tmp-delete-" + p.name)
-                os.replace(p, doomed)  # a half-deleted checkpoint never looks finished
-                shutil.rmtree(doomed, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    # -- sample grid from the EMA model ---------------------------------------------------------
-    vae_for_grid = None
-    grid_warned = False
-
-    def sample_grid(step: int) -> None:
-        nonlocal vae_for_grid, grid_warned
-        out_path = run_dir / "samples" / f"step-{step:07d}.png"
-        if not is_main or out_path.is_file():  # e.g. a rerun of a finished run
-            return
-        from samplers import images_to_uint8, sample_ode
-        if cfg.vae and vae_for_grid is None:
-            from models.vae import WeightsNotFound, load_vae
-            try:
-                vae_for_grid, _ = load_vae(cfg.vae, device)
-            except (WeightsNotFound, ImportError) as e:
-                if not grid_warned:
-                    say(f"sample grids skipped: {e}")
-                    grid_warned = True
-                return
-        n = cfg.num_sample_images
-        labels = torch.arange(n, device=device) % cfg.num_classes
-        out = sample_ode(ema, (n, *latent_shape), num_steps=cfg.sample_num_steps,
-                         cfg_scale=cfg.sample_cfg_scale, y=labels, seed=cfg.seed,
-                         path_type=cfg.path_type, vae=vae_for_grid,
-                         latent_scale=dataset.scale.flatten(), latent_bias=dataset.bias.flatten())
-        images = out["images"] if isinstance(out, dict) else out.clamp(-1, 1)
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        write_grid(images_to_uint8(images), out_path)
-
-    # -- trackers -------------------------------------------------------------------------------
-    if tracker is not None:
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                for k, v in cfg.to_dict().items()}
-        init_kwargs = {}
-        if tracker == "wandb":
-            import wandb
-            if os.environ.get("WANDB_KEY"):
-                wandb.login(key=os.environ["WANDB_KEY"])
-            init_kwargs = {"wandb": {"entity": os.environ.get("WANDB_ENTITY"),
-                                     "name": cfg.exp_name}}
-        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", cfg.exp_name)
-                                  if tracker == "wandb" else cfg.exp_name,
-                                  config=flat, init_kwargs=init_kwargs)
-    # -- the loop -------------------------------------------------------------------------------
-    from losses import build_stablevm_batch
-    from losses.objective import si_batch, training_losses
     from tqdm.auto import tqdm
-
-    data = endless(loader)
-    peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else
-            runtime.peak_flops(device, cfg.mixed_precision, cfg.allow_tf32))
-    window: dict[str, torch.Tensor] = {}
-    window_steps, skipped = 0, torch.zeros((), device=device)
-    last_logged: dict = {}
-    t_window = time.perf_counter()
+    run = build_run(cfg, set(given or ()))
+    cfg = run.cfg
+    checkpoints = Checkpointer(run)
+    step = checkpoints.start()
+    start_trackers(run)
+    grid = SampleGrid(run)
+    if run.objective.bank is not None and step == 0:
+        run.objective.prefill_bank(run)
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train", unit="step",
-               disable=not is_main, dynamic_ncols=True)
-    say(f"{cfg.model} ({n_params / 1e6:.2f}M trainable parameters), {world} process(es) x "
-        f"{micro_batch} x {accum} accumulation = batch {cfg.batch_size}; "
-        f"{steps_per_epoch} steps per epoch; {len(dataset)} samples")
-
-    if bank is not None and step == 0:
-        # Prefill from a separate stream so the training data order does not depend on it.
-        prefill_loader = ShardLoader(dataset, micro_batch, rank=rank, world_size=world,
-                                     seed=mix_seed(cfg.seed, 0xBA4C), hflip=cfg.hflip, output="raw")
-        g = step_generator(cfg.seed, rank, -1, 0xF111, device)  # its own stream
-        mode = "full" if cfg.prefill_bank_fully else "one_per_class"
-        try:
-            info = bank.prefill(
-                endless(prefill_loader), mode,
-                latents_fn=lambda b: loader.to_latents(b["x"].to(device), g),
-                max_batches=100 * (len(prefill_loader) + 1))
-        except RuntimeError as e:
-            raise UsageError(str(e)) from None
-        say(f"StableVM bank prefilled ({mode}): {info['samples']} samples; {bank}")
+               disable=not run.is_main, dynamic_ncols=True)
+    metrics = MetricsLog(run, bar)
+    data = endless(run.loader)
 
     while step < cfg.max_train_steps:
         lr = lr_at(step, cfg, cfg.max_train_steps)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(accum):
-            batch = next(data)
-            g = step_generator(cfg.seed, rank, step, micro, device)
-            x = loader.to_latents(batch["x"].to(device, non_blocking=True), g)
-            y = batch["y"].to(device, non_blocking=True)
-            images = batch.get("image")
-            if bank is None:
-                b = si_batch(x, y, num_classes=cfg.num_classes, cfg_prob=cfg.cfg_prob,
-                             path_type=cfg.path_type, time_sampler=cfg.weighting,
-                             time_shift=cfg.time_shift, generator=g)
-            else:
-                code = batch["position"] * 2 + batch["flip"].long()  # re-read pixels later
-                bank.push(x, y, code)
-                b = build_stablevm_batch(
-                    bank, cfg.num_classes, x.shape[0], cfg.cfg_prob, cfg.path_type, g,
-                    time_sampler=lambda n, gen: _times(n, gen, cfg),
-                    split=cfg.stablevm_split, efficient=cfg.stablevm_efficient, device=device)
-                if encoders:
-                    images = _bank_images(dataset, b["indices"])
-            targets = None
-            if encoders:
-                with torch.no_grad():
-                    imgs = images.to(device, non_blocking=True)
-                    targets = [enc(imgs) for enc in encoders]
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync:
-                with runtime.autocast(device, cfg.mixed_precision):
-                    terms = training_losses(model, b, depth=depth, path_type=cfg.path_type,
-                                            disp=disp, align=align, align_targets=targets)
-                scaler.scale(terms["loss"] / accum).backward()
-            for k, v in terms.items():
-                window[k] = window.get(k, 0) + v.detach().float() / accum
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        scaler.step(optimizer)  # skipped by the scaler when the fp16 gradients are not finite
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(ema_params, trainable, ema_decay_at(step + 1, cfg))
-        skipped += (~torch.isfinite(grad_norm)).float()
-        window["grad_norm"] = window.get("grad_norm", 0) + grad_norm.detach().float()
+        metrics.add(train_step(run, data, step))
         step += 1
-        window_steps += 1
         bar.update(1)
-
-        # -- logging (the only host sync of a step) --------------------------------------------
         if step % cfg.log_every == 0 or step == cfg.max_train_steps:
-            names = sorted(window)
-            vals = torch.stack([window[k] for k in names]) / window_steps
-            vals = accelerator.reduce(vals, reduction="mean")
-            elapsed = time.perf_counter() - t_window
-            img_s = window_steps * cfg.batch_size / elapsed
-            rec = {"step": step, **{k: float(v) for k, v in zip(names, vals.tolist())},
-                   "lr": lr, "img_per_s": img_s, "epoch": loader.epoch,
-                   "skipped_steps": int(accelerator.reduce(skipped, "sum").item()),
-                   "memory_mb": memory_mb(device)}
-            if scaler.is_enabled():
-                rec["loss_scale"] = scaler.get_scale()
-            if peak:
-                rec["mfu"] = 6 * macs * img_s / world / peak  # fwd+bwd = 3x fwd; 2 FLOP/MAC
-            nonfinite = [k for k in ("loss", "si") if not math.isfinite(rec.get(k, 0.0))]
-            if nonfinite and not scaler.is_enabled() and is_main:
-                raise RuntimeError(f"non-finite loss at step {step}: {rec}; the last checkpoint "
-                                   f"is in {ckpt_dir}")
-            if is_main:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}",
-                                img_s=f"{img_s:.0f}")
-            accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
-            last_logged = rec
-            window, window_steps = {}, 0
-            t_window = time.perf_counter()
-
+            metrics.write(step, lr)
         if cfg.sampling_steps > 0 and step % cfg.sampling_steps == 0:
-            sample_grid(step)
+            grid(step)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            checkpoint(step)
-            t_window = time.perf_counter()
+            checkpoints.save(step)
+            metrics.t0 = time.perf_counter()  # checkpoint time is not training throughput
 
     bar.close()
     if cfg.sampling_steps == 0 or step % cfg.sampling_steps:
-        sample_grid(step)
-    if not (ckpt_dir / f"step-{step:07d}").is_dir():
-        checkpoint(step)  # e.g. resumed at the final step with a new limit
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    say(f"done: step {step}, run directory {run_dir}")
-    return {"step": step, "run_dir": str(run_dir), "last": last_logged}
-
-
-def _times(n: int, generator: torch.Generator, cfg: TrainingConfig) -> torch.Tensor:
-    from losses import sample_time
-    return sample_time(n, cfg.weighting, path_type=cfg.path_type, shift=cfg.time_shift,
-                       generator=generator)
-
-
-def _bank_images(dataset, codes: torch.Tensor) -> torch.Tensor:
-    """uint8 images of the bank entries ``codes`` (= position * 2 + flip), in the given order."""
-    import numpy as np
-    codes = codes.cpu().numpy()
-    if (codes < 0).any():
-        raise RuntimeError("a StableVM bank entry has no dataset index (cannot read its pixels)")
-    pos, flip = codes // 2, (codes % 2).astype(bool)
-    got = dataset.gather(pos, torch.from_numpy(flip), with_images=True)
-    # gather returns rows sorted by (position, flip); put them back in the requested order
-    order = np.argsort(codes, kind="stable")
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
-    return got["image"][torch.from_numpy(inverse)]
+        grid(step)
+    if not checkpoints.has(step):
+        checkpoints.save(step)  # e.g. resumed at the final step with a new limit
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    run.say(f"done: step {step}, run directory {run.run_dir}")
+    return {"step": step, "run_dir": str(run.run_dir), "last": metrics.last}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -667,9 +905,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.dry_run:
             manifest = None
             if cfg.data_dir and (Path(cfg.data_dir) / "manifest.json").is_file():
-                manifest = _fail_early(cfg)
-            cfg = resolve(cfg, given, manifest)
-            print(cfg.to_json())
+                manifest = read_data_manifest(cfg)
+            print(resolve(cfg, given, manifest).to_json())
             return 0
         train(cfg, given)
     except UsageError as e:

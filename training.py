@@ -20,7 +20,7 @@ import torch.nn as nn
 from configs import TrainingConfig, resolve_dispersive_blocks
 from losses.dispersive import DispersiveLoss
 from losses.objective import si_batch, training_losses
-from preprocessing.shards import mix_seed
+from common import mix_seed
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int,

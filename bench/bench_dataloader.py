@@ -12,7 +12,7 @@ timed here is the delivery of moments + labels, nothing else; the consumer does 
 
 Data (deterministic from --seed): N samples of random fp16 moments and labels 0..999, written
   * as shards with the real writer (``preprocessing.shards.write_shard``, --shard-size 1000,
-    a manifest.json with the fields encode.py's ``assemble`` writes), and
+    a manifest.json with the fields encode.py's ``build_manifest`` writes), and
   * in the REPA layout (edm2 ``dataset_tool.py`` encode output): ``vae-sd/NNNNN/
     img-mean-std-NNNNNNNN.npy`` (one fp16 (8, 32, 32) array per sample, 1000 per folder) plus
     ``vae-sd/dataset.json`` = ``{"labels": [[relative file name, label], ...]}``.
@@ -55,6 +55,7 @@ if __package__ in (None, ""):  # `python bench/bench_dataloader.py` puts bench/ 
 import numpy as np
 import torch
 
+import common
 from bench._machine import BackgroundLoad, describe_machine
 from preprocessing import shards as fmt
 
@@ -173,7 +174,7 @@ def write_data(work: Path, n: int, shard_size: int, num_classes: int, seed: int)
     ch_mean = sum(r["sum"] for r in records) / elems
     ch_std = (sum(r["sumsq"] for r in records) / elems - ch_mean ** 2).clamp_min(0).sqrt()
     names = [str(c) for c in range(num_classes)]
-    # The fields encode.py's `assemble` writes (the reader needs format_version, key, dtype,
+    # The fields encode.py's `build_manifest` writes (the reader needs format_version, key, dtype,
     # latent, num_classes, hflip, images and shards).
     manifest = {
         "format_version": fmt.FORMAT_VERSION,
@@ -191,8 +192,8 @@ def write_data(work: Path, n: int, shard_size: int, num_classes: int, seed: int)
         "config": cfg, "config_sha256": config_sha,
         "created_with": {"torch": torch.__version__},
     }
-    fmt.atomic_write_json(shard_dir / fmt.MANIFEST, manifest)
-    fmt.atomic_write_json(file_dir / "dataset.json", {"labels": label_list})
+    common.atomic_write_json(shard_dir / fmt.MANIFEST, manifest)
+    common.atomic_write_json(file_dir / "dataset.json", {"labels": label_list})
     return {"write_shards_s": t_shard, "write_perfile_s": t_file}
 
 
@@ -210,7 +211,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict]:
         work.mkdir(parents=True, exist_ok=True)
         stamp.unlink(missing_ok=True)
         info = write_data(work, args.num_samples, args.shard_size, args.num_classes, args.seed)
-        fmt.atomic_write_json(stamp, spec)
+        common.atomic_write_json(stamp, spec)
     shard_dir, file_dir = work / "shards", work / "perfile" / "vae-sd"
     problems = fmt.verify(shard_dir, check_hashes=False)
     if problems:
@@ -334,7 +335,7 @@ def profile_batch(shard_dir: Path, batch_size: int, threads: int, reps: int = 30
         return order[k * batch_size:(k + 1) * batch_size]
 
     def generator(k: int) -> None:
-        torch.Generator().manual_seed(fmt.mix_seed(0, 0, k, 0, 0xBA7C))
+        torch.Generator().manual_seed(common.mix_seed(0, 0, k, 0, 0xBA7C))
 
     def bookkeeping(k: int) -> None:
         p = pos(k)

@@ -1,4 +1,4 @@
-"""Dispersive loss (Wang & He 2025, "Diffuse and Disperse"; DESIGN.md s6).
+"""Dispersive loss (Wang & He 2025, "Diffuse and Disperse"; docs/CONVENTIONS.md §5).
 
 A contrastive-style regulariser without positive pairs: it pushes the intermediate token features
 of different samples in a batch apart. For block features z of shape (B, T, D), each sample is

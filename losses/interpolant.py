@@ -1,6 +1,6 @@
 """Stochastic-interpolant paths, training-time samplers and the SI (velocity-matching) loss.
 
-Conventions (DESIGN.md s3): t in [0, 1], t=0 is data, t=1 is noise (REPA's axis), and
+Conventions (docs/CONVENTIONS.md §1): t in [0, 1], t=0 is data, t=1 is noise (REPA's axis), and
 ``x_t = a(t) x + s(t) eps`` with the model predicting ``v = a'(t) x + s'(t) eps``.
 
 - ``linear``: a = 1 - t, s = t, so v = eps - x.

@@ -1,6 +1,6 @@
 """StableVM: a per-class memory bank of clean latents and the stable (variance-reduced) target.
 
-DESIGN.md s6. For a sample with label y, time t and ``x_t = a(t) x0 + s(t) eps`` (x0 drawn from
+docs/CONVENTIONS.md §5. For a sample with label y, time t and ``x_t = a(t) x0 + s(t) eps`` (x0 drawn from
 the bank of y), the target for ``t >= split`` is the exact marginal velocity of the empirical
 distribution held in that bank:
 
@@ -10,7 +10,7 @@ distribution held in that bank:
 which for the linear path (a = 1 - t, s = t) is ``(x_t - sum_j w_j x0_j) / t``. Below the split the
 plain conditional target (``eps - x0`` for linear) is used.
 
-How this differs from the reference implementation (DESIGN.md s12):
+How this differs from the reference implementation (docs/CONVENTIONS.md §10):
 
 - no per-class Python loop: one gather of every sample's bank row (``(B, K, D)``) and two batched
   matrix products, or a streamed variant over chunks of K with an online softmax;
@@ -560,7 +560,7 @@ def build_stablevm_batch(bank: MemoryBank, num_classes: int, batch_size: int,
                          t: torch.Tensor | float | None = None, split: float = 0.5,
                          efficient: bool = True, chunk_size: int | None = None,
                          device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """One StableVM training batch drawn from the bank (DESIGN.md s6).
+    """One StableVM training batch drawn from the bank (docs/CONVENTIONS.md §5).
 
     Labels uniform over the ``num_classes`` classes, each replaced by the null label C with
     probability ``cfg_prob``; the source x0 uniform over that label's bank row; eps ~ N(0, I);

@@ -26,7 +26,7 @@ Weights: nothing is downloaded. For enc type E with timm model NAME the loader l
 
 1. ``weights_dir`` (when given):  ``NAME.safetensors``, ``NAME.pth``, ``NAME.pt``, ``NAME.bin``,
    ``NAME/model.safetensors``, ``NAME/pytorch_model.bin`` (what
-   ``huggingface-cli download timm/NAME --local-dir WEIGHTS_DIR/NAME`` writes), and the original
+   ``hf download timm/NAME --local-dir WEIGHTS_DIR/NAME`` writes), and the original
    release files: ``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`` (torch.hub's DINOv2, what REPA
    uses) and ``mae_pretrain_vit_{base,large,huge}.pth`` (MAE's, REPA's ``ckpts/``);
 2. the local HF cache (``HF_HUB_CACHE`` / ``HF_HOME``): ``timm/NAME``'s ``model.safetensors``;
@@ -35,7 +35,7 @@ Weights: nothing is downloaded. For enc type E with timm model NAME the loader l
 ``.safetensors`` files are read with safetensors, others with ``torch.load(weights_only=True)``;
 timm's checkpoint filter converts original DINOv2 / MAE layouts and resamples the position
 embedding. A missing file raises :class:`models.vae.WeightsNotFound` naming the timm model, the hub
-repo, the ``huggingface-cli download`` command and every path looked at.
+repo, the ``hf download`` command and every path looked at.
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def find_weights(enc_type: str, weights_dir: str | Path | None = None) -> Path:
         f"weights for encoder '{spec.enc_type}' (timm model {spec.timm_name}, hub repo "
         f"{spec.hub_repo}) are not on this machine. Looked for:\n{looked}\n"
         f"On a machine with network run:\n"
-        f"  huggingface-cli download {spec.hub_repo}\n"
+        f"  hf download {spec.hub_repo}\n"
         f"then copy the HF cache folder models--{spec.hub_repo.replace('/', '--')} into "
         f"{_hf_cache_dir()}, or put its model.safetensors at "
         f"{target / (spec.timm_name + '.safetensors')} and pass that folder as the encoder "

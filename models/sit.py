@@ -1,6 +1,6 @@
 """SiT: a DiT-style transformer with adaLN-Zero that predicts the velocity field.
 
-One file, one size registry (``SiT_models``). Conventions (DESIGN.md s3, s5):
+One file, one size registry (``SiT_models``). Conventions (docs/CONVENTIONS.md §1, §4):
 - ``forward(x, t, y)``: x (N, C, H, W), t (N,) in [0, 1] with t=0 data and t=1 noise, y (N,) in
   0..num_classes where ``num_classes`` is the null (unconditional) label. Returns the velocity.
 - Label dropout for CFG is done by the training loop (it replaces labels by the null label); the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -379,11 +380,46 @@ def read_checkpoint(path: str | Path, key: str | None = None) -> dict[str, torch
     return obj
 
 
+_CONV_PROJECTOR_KEY = re.compile(r"^(projectors\.\d+)\.conv\.(weight|bias)$")
+
+
+def projector_kwargs(sd: dict[str, torch.Tensor]) -> dict:
+    """The SiT projector arguments (``z_dims``, ``projector_type``, ``projector_kernel_size``)
+    that rebuild the projectors stored in a (converted) state dict; {} when it has none."""
+    heads: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        m = re.match(r"^projectors\.(\d+)\.(?:(.+)\.)?weight$", k)
+        if m:
+            heads.setdefault(int(m.group(1)), {})[m.group(2) or ""] = v
+    if not heads:
+        return {}
+    z_dims, kinds, kernel = [], set(), 3
+    for i in sorted(heads):
+        layers = heads[i]
+        if "proj" in layers and layers["proj"].ndim == 4:  # iREPA conv
+            kinds.add("conv")
+            kernel = int(layers["proj"].shape[-1])
+            z_dims.append(int(layers["proj"].shape[0]))
+        elif list(layers) == [""]:  # linear
+            kinds.add("linear")
+            z_dims.append(int(layers[""].shape[0]))
+        elif all(name.isdigit() for name in layers):  # REPA MLP: 0, 2, 4
+            kinds.add("mlp")
+            z_dims.append(int(layers[max(layers, key=int)].shape[0]))
+        else:
+            raise ValueError(f"unrecognised projector {i} layers: {sorted(layers)}")
+    if len(kinds) > 1:
+        raise ValueError(f"projectors of mixed types {sorted(kinds)}")
+    return {"z_dims": z_dims, "projector_type": kinds.pop(), "projector_kernel_size": kernel}
+
+
 def convert_sit_state_dict(sd: dict[str, torch.Tensor], in_channels: int, patch_size: int
                            ) -> dict[str, torch.Tensor]:
     """Map a SiT/DiT-style state dict onto this model's layout.
 
     - ``module.`` / ``_orig_mod.`` prefixes (DDP, torch.compile) are stripped.
+    - StableVelocity's iREPA checkpoints name the conv projector's layer ``conv``
+      (``projectors.k.conv.*``); ours is ``proj`` (``projectors.k.proj.*``): renamed.
     - A learn_sigma head (p*p*2C outputs: the velocity channels, then the sigma channels, per
       patch position) is cut to its first C channels per position.
     The opposite time axis of SiT's own checkpoints is handled by ``SiT(flip_time=True)``.
@@ -393,7 +429,7 @@ def convert_sit_state_dict(sd: dict[str, torch.Tensor], in_channels: int, patch_
         for prefix in ("module.", "_orig_mod."):
             while k.startswith(prefix):
                 k = k[len(prefix):]
-        out[k] = v
+        out[_CONV_PROJECTOR_KEY.sub(r"\1.proj.\2", k)] = v
     pp = patch_size * patch_size
     w, b = out.get("final_layer.linear.weight"), out.get("final_layer.linear.bias")
     if w is not None and w.shape[0] == pp * 2 * in_channels:

@@ -60,7 +60,7 @@ def load_vae(spec: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Mo
                 "~/.cache/huggingface"
             raise WeightsNotFound(
                 f"VAE '{spec}' is neither a local directory nor in the local HF cache ({cache}).\n"
-                f"On a machine with network run:  huggingface-cli download {spec}\n"
+                f"On a machine with network run:  hf download {spec}\n"
                 f"(or copy a directory with config.json + diffusion_pytorch_model.safetensors "
                 f"and pass it as --vae DIR). Nothing is downloaded at run time.") from None
         ident = {"vae": spec, "revision": _cache_revision(spec)}

@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # `python preprocessing/encode.py` puts preproces
 import numpy as np
 import torch
 
+from common import atomic_write_json, mix_seed, sha256_file, with_default_command
 from preprocessing import shards as fmt
 from preprocessing.sources import CroppedItems, SourceError, collate_list, open_source
 from models.vae import encode_moments, load_vae
@@ -37,8 +38,36 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
 
+COMMANDS = ("encode", "verify")
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """``encode.py [encode] FLAGS`` (the default command) and ``encode.py verify DIR``: the
+    top-level parser and the ``encode`` subparser (its errors show the encode usage)."""
+    p = argparse.ArgumentParser(prog="encode.py", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{encode,verify}",
+                           help="encode (default when omitted): write shards; verify: check them")
+    enc = sub.add_parser("encode", help="encode a dataset into shards (default)",
+                         formatter_class=argparse.RawTextHelpFormatter)
+    _add_encode_flags(enc)
+    v = sub.add_parser("verify", help="check every shard against manifest.json")
+    v.add_argument("dest")
+    v.add_argument("--no-hash", action="store_true", help="skip the sha256 check (faster)")
+    return p, enc
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    """Parse a command line (``encode`` flags are checked here, beyond what argparse can)."""
+    p, enc = build_parsers()
+    args = p.parse_args(with_default_command(sys.argv[1:] if argv is None else argv, COMMANDS,
+                                              "encode"))
+    if args.command == "encode":
+        _check_encode_flags(args, enc)
+    return args
+
+
+def _add_encode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="digits",
                    help="'digits', an ImageNet-style class-folder tree, or a HF dataset saved to disk")
     p.add_argument("--source-type", default="auto", choices=["auto", "folder", "hf", "digits"])
@@ -76,7 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "use `accelerate launch --num_processes N` to use N cores")
     p.add_argument("--overwrite", action="store_true",
                    help="delete shards of a different configuration found in --dest")
-    args = p.parse_args(argv)
+
+
+def _check_encode_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     for name in ("resolution", "shard_size", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -89,7 +120,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.vae = None if args.vae.lower() == "none" else args.vae
     if args.vae is None and args.store != "moments":
         p.error("--store applies to VAE latents; with --vae none pixels are stored")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +181,7 @@ def finished_record(dest: Path, shard: int, old_manifest: dict | None,
     path = dest / fmt.shard_name(shard)
     if rec is None or not path.is_file():
         return None
-    if check_hash and fmt.sha256_file(path) != rec["sha256"]:
+    if check_hash and sha256_file(path) != rec["sha256"]:
         return None
     return rec
 
@@ -159,9 +189,9 @@ def finished_record(dest: Path, shard: int, old_manifest: dict | None,
 # ----------------------------------------------------------------------------------------------
 # Encoding.
 
-def sample_noise(seed: int, index: int, flip: int, shape: tuple[int, ...]) -> torch.Tensor:
+def posterior_noise(seed: int, index: int, flip: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The --store sample noise of source item ``index`` (flip 0/1): independent of batching."""
-    g = torch.Generator().manual_seed(fmt.mix_seed(seed, index, flip, 0xE5C0))
+    g = torch.Generator().manual_seed(mix_seed(seed, index, flip, 0xE5C0))
     return torch.randn(shape, generator=g)
 
 
@@ -185,7 +215,8 @@ def encode_batch(vae, arrs: list[np.ndarray], index: list[int], args, device) ->
         elif args.store == "mean":
             out["latents" + name] = mean
         else:
-            eps = torch.stack([sample_noise(args.seed, i, flip, tuple(mean.shape[1:])) for i in index])
+            shape = tuple(mean.shape[1:])
+            eps = torch.stack([posterior_noise(args.seed, i, flip, shape) for i in index])
             out["latents" + name] = mean + std * eps
     return out
 
@@ -219,7 +250,7 @@ def write_one_shard(dest: Path, shard: int, parts: list[dict], labels: list[int]
            "failed": failures, "upsampled": upsampled,
            "stats": {"n": int(v.shape[0] * v.shape[2] * v.shape[3]), "sum": s1.tolist(),
                      "sumsq": s2.tolist()}}
-    fmt.atomic_write_json(dest / fmt.PROGRESS_DIR / f"{fmt.shard_name(shard)}.json", rec)
+    atomic_write_json(dest / fmt.PROGRESS_DIR / f"{fmt.shard_name(shard)}.json", rec)
     return rec
 
 
@@ -234,10 +265,9 @@ def _versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["verify"]:
-        return verify_main(argv[1:])
     args = parse_args(argv)
+    if args.command == "verify":
+        return verify(args)
     from accelerate import PartialState
 
     # On a machine without CUDA, accelerate only forms a multi-process (gloo) group with cpu=True.
@@ -299,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         for stale in dest.glob(".shard-*.tmp-*"):  # debris of a killed run
             stale.unlink(missing_ok=True)
         if old_manifest is None:
-            fmt.atomic_write_json(dest / fmt.PROGRESS_DIR / "config.json", config)
+            atomic_write_json(dest / fmt.PROGRESS_DIR / "config.json", config)
     state.wait_for_everyone()
 
     # The plan: which source items go to which shard. Identical in every process.
@@ -375,10 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: shard {s} did not finish; rerun the command", file=sys.stderr)
                 return 1
             records.append(rec)
-        manifest, report = assemble(config, config_sha, source, records, key, channels, hw,
+        manifest, report = build_manifest(config, config_sha, source, records, key, channels, hw,
                                     args, vae_ident)
-        fmt.atomic_write_json(dest / fmt.REPORT, report)
-        fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)
+        atomic_write_json(dest / fmt.REPORT, report)
+        atomic_write_json(dest / fmt.MANIFEST, manifest)
         shutil.rmtree(dest / fmt.PROGRESS_DIR, ignore_errors=True)
         if manifest == old_manifest:
             print(f"{dest} is already complete ({manifest['count']} samples); nothing to do")
@@ -390,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def assemble(config: dict, config_sha: str, source, records: list[dict], key: str,
+def build_manifest(config: dict, config_sha: str, source, records: list[dict], key: str,
              channels: int, hw: tuple[int, int], args, vae_ident: dict | None) -> tuple[dict, dict]:
     """Manifest and report from the per-shard records (in shard order: deterministic)."""
     n = sum(r["count"] for r in records)
@@ -459,12 +489,8 @@ def summarize(manifest: dict, report: dict, dest: Path) -> None:
               "and were upsampled")
 
 
-def verify_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="encode.py verify",
-                                description="check every shard against manifest.json")
-    p.add_argument("dest")
-    p.add_argument("--no-hash", action="store_true", help="skip the sha256 check (faster)")
-    args = p.parse_args(argv)
+def verify(args: argparse.Namespace) -> int:
+    """``encode.py verify DIR``: 0 when every shard matches the manifest, else 1."""
     problems = fmt.verify(args.dest, check_hashes=not args.no_hash)
     if problems:
         print(f"{args.dest}: {len(problems)} problem(s)")

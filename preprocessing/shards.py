@@ -1,6 +1,6 @@
 """The shard format: how encode.py writes it and how training reads it.
 
-A shard directory holds ``manifest.json`` and ``shard-NNNNN.safetensors`` files (DESIGN.md s4).
+A shard directory holds ``manifest.json`` and ``shard-NNNNN.safetensors`` files (docs/CONVENTIONS.md §3).
 Each shard has ``moments`` (N, 2C, h, w) -- posterior mean then std -- or ``latents`` (N, C, h, w)
 for stored samples/means and pixel mode, ``labels`` int64 (N,), ``index`` int64 (N,) (position in
 the source), optionally ``images`` uint8 (N, 3, H, W) and the mirrored copies ``moments_flip`` /
@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import struct
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+from common import atomic_write_bytes, mix_seed, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,46 +43,6 @@ class ShardFormatError(Exception):
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes: a reader or a resumed run never sees a half-written file.
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp name in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -267,12 +228,6 @@ def latents_from_raw(raw: torch.Tensor, key: str, scale: torch.Tensor, bias: tor
     else:
         z = raw
     return z * scale.to(raw.device) + bias.to(raw.device)
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from several integers (SeedSequence avoids correlated nearby seeds)."""
-    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values])
-               .generate_state(2, np.uint32).view(np.uint64)[0] >> np.uint64(1))
 
 
 # ----------------------------------------------------------------------------------------------

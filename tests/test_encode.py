@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from preprocessing import shards as fmt
 from preprocessing.encode import main as encode_main
-from preprocessing.encode import sample_noise
+from preprocessing.encode import posterior_noise as sample_noise
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,5 +201,5 @@ def test_missing_vae_message(tmp_path):
     r = run_cli("--source", "digits", "--dest", str(tmp_path / "d"), "--resolution", "16",
                 "--vae", "nobody/no-such-vae", timeout=120)
     assert r.returncode == 2
-    assert "nobody/no-such-vae" in r.stderr and "huggingface-cli download" in r.stderr
+    assert "nobody/no-such-vae" in r.stderr and "hf download" in r.stderr
     assert "Traceback" not in r.stderr

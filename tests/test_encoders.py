@@ -246,7 +246,7 @@ def test_missing_weights_message(tmp_path):
         load_encoders("dinov2-vit-b", 256, weights_dir=tmp_path / "weights")
     msg = str(err.value)
     assert DINO_B in msg and f"timm/{DINO_B}" in msg
-    assert f"huggingface-cli download timm/{DINO_B}" in msg
+    assert f"hf download timm/{DINO_B}" in msg
     assert str(tmp_path / "weights" / f"{DINO_B}.safetensors") in msg
     assert str(tmp_path / "empty-hf-cache") in msg                 # the cache it looked in
     assert isinstance(err.value, FileNotFoundError)

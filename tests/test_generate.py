@@ -94,8 +94,9 @@ def test_bytes_independent_of_processes_and_batch_size(run_dir, tmp_path, mode):
 def test_kill_and_rerun_gives_same_bytes(run_dir, tmp_path):
     out = tmp_path / "k"
     argv = _args(run_dir, out, "sde", bs=2)
-    proc = subprocess.Popen([sys.executable, "generate.py", *argv], cwd=ROOT,
-                            env=dict(_env(), GENERATE_TEST_PART_DELAY="1.0"),
+    # tests/fault.py sleeps after each finished part (no test hook in generate.py itself)
+    proc = subprocess.Popen([sys.executable, "tests/fault.py", "slow-parts", "1.0", "--",
+                             "generate.py", *argv], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / "parts"
     deadline = time.time() + 60

@@ -1,4 +1,4 @@
-"""StableVM: memory bank and stable target against independent definitions (DESIGN.md s6, s12).
+"""StableVM: memory bank and stable target against independent definitions (docs/CONVENTIONS.md §5, §10).
 
 The references here do not use losses.stablevm's code paths: path coefficients are written out
 with math.cos/sin, the softmax with math.exp after subtracting the max, in float64 Python loops.
@@ -25,7 +25,7 @@ D = 18
 # Independent references.
 
 def coeffs64(t: float, path_type: str) -> tuple[float, float, float, float]:
-    """(a, s, a', s') in float64, written out from DESIGN.md s3."""
+    """(a, s, a', s') in float64, written out from docs/CONVENTIONS.md §1."""
     if path_type == "linear":
         return 1.0 - t, t, -1.0, 1.0
     h = math.pi / 2
@@ -504,7 +504,7 @@ def test_batch_contents_and_determinism(path_type):
     torch.testing.assert_close(a["target"], full["target"], atol=1e-5, rtol=0)
     other = build_stablevm_batch(bank, c, 64, 0.2, path_type, torch.Generator().manual_seed(6))
     assert not torch.equal(other["x_t"], a["x_t"])
-    # The source is the bank entry drawn; x_t and the target follow DESIGN.md.
+    # The source is the bank entry drawn; x_t and the target follow docs/CONVENTIONS.md §5.
     assert torch.equal(a["x0"], bank.latents[a["y"], a["slot"]].float())
     assert torch.equal(a["indices"], bank.indices[a["y"], a["slot"]])
     x_t, cfm = interpolate(a["x0"], a["eps"], a["t"], path_type)

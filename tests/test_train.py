@@ -96,9 +96,10 @@ def read_log(run_dir: Path) -> dict[int, dict]:
 
 
 def kill_then_resume(cmd: list[str], run_dir: Path, kill_step: int | None,
-                     env: dict | None = None) -> None:
+                     env: dict | None = None, resume_cmd: list[str] | None = None) -> None:
     """Start ``cmd``, SIGKILL its process group once the log reaches ``kill_step`` (None: the
-    command dies by itself, e.g. through the checkpoint test hook), then resume to the end."""
+    command dies by itself, e.g. by a fault injected with tests/fault.py), then resume to the
+    end with ``resume_cmd`` (default: ``cmd``)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=_env(env), cwd=REPO, start_new_session=True)
     log = run_dir / "log.jsonl"
@@ -116,7 +117,7 @@ def kill_then_resume(cmd: list[str], run_dir: Path, kill_step: int | None,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0, "the interrupted run was not interrupted"
-    run(cmd + ["--resume", "latest"])
+    run((resume_cmd or cmd) + ["--resume", "latest"])
 
 
 def assert_same_run(ref: Path, resumed: Path, steps: int) -> None:
@@ -155,8 +156,10 @@ def test_resume_killed_inside_checkpoint_stablevm_disp_accum(digits8, tmp_path):
              "--gradient-accumulation-steps", "2"]
     run(train_cmd(digits8, tmp_path / "ref", *extra))
     cmd = train_cmd(digits8, tmp_path / "int", *extra)
-    kill_then_resume(cmd, tmp_path / "int" / "run", None,
-                     env={"TRAIN_TEST_KILL_IN_CHECKPOINT": "6"})
+    # the fault comes from outside: tests/fault.py kills the process inside step 6's checkpoint
+    faulty = [cmd[0], str(REPO / "tests" / "fault.py"), "kill-after-save-state", "6", "--",
+              *cmd[1:]]
+    kill_then_resume(faulty, tmp_path / "int" / "run", None, resume_cmd=cmd)
     assert_same_run(tmp_path / "ref" / "run", tmp_path / "int" / "run", steps)
     log = read_log(tmp_path / "ref" / "run")
     assert all("disp" in r and r["disp"] < 0 for r in log.values())  # InfoNCE-L2 is <= 0
@@ -210,7 +213,7 @@ def test_run_dir_contract_and_generate(digits8, tmp_path):
             "latent_scale", "latent_bias", "path_type", "train"} <= set(cfg)
     assert cfg["input_size"] == 8 and cfg["in_channels"] == 3 and cfg["num_classes"] == 10
     assert cfg["vae"] is None and cfg["train"]["learning_rate"] == 1e-3
-    assert p.stdout.index('"train"') < p.stdout.index("steps per epoch")  # printed before step 0
+    assert "steps per epoch" in p.stdout and '"train"' not in p.stdout  # a summary, not the JSON
     assert (rd / "samples" / "step-0000003.png").is_file()
     from safetensors.torch import load_file
     ema = load_file(str(rd / "ema.safetensors"))
@@ -386,11 +389,10 @@ def test_lr_schedule_by_hand():
 
 
 def test_ema_by_hand():
-    from configs import TrainingConfig
-    from train import ema_decay_at, ema_update
-    assert ema_decay_at(1, TrainingConfig(ema_decay=0.999, ema_warmup=True)) == 2 / 11
-    assert ema_decay_at(10_000, TrainingConfig(ema_decay=0.999, ema_warmup=True)) == 0.999
-    assert ema_decay_at(1, TrainingConfig(ema_decay=0.9999)) == 0.9999
+    from common import ema_decay, ema_update
+    assert ema_decay(1, 0.999, warmup=True) == 2 / 11
+    assert ema_decay(10_000, 0.999, warmup=True) == 0.999
+    assert ema_decay(1, 0.9999, warmup=False) == 0.9999
     e, p = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, -2.0])]
     ema_update(e, p, 0.75)
     assert torch.allclose(e[0], torch.tensor([1.5, 1.0]))

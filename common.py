@@ -1,0 +1,112 @@
+"""Small utilities every script shares: the CLI error type, atomic file writes, seed mixing and
+the EMA update. Nothing here imports another module of the project, so any module may import it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad flag, missing file): printed without a traceback, exit 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes: a reader, a resumed run or a crash never sees a half-written file.
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp name in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """JSON with sorted keys (stable bytes for the same content), written atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> None:
+    """safetensors file of ``tensors`` (moved to the CPU), written atomically."""
+    from safetensors.torch import save
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(cpu, metadata=metadata))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds.
+
+def mix_seed(*values: int, bits: int = 63) -> int:
+    """A ``bits``-bit seed from several integers.
+
+    numpy's SeedSequence hashes the 32-bit words of ``values``, so nearby inputs (seed 0 and 1,
+    step 7 and 8) give unrelated generators. 63 bits fit ``torch.Generator.manual_seed``'s signed
+    range; 64 bits are the full state word (per-sample generation seeds).
+    """
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bits must be in 1..64, got {bits}")
+    words = [int(v) & 0xFFFFFFFF for v in values]
+    state = np.random.SeedSequence(words).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(64 - bits))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exponential moving average of weights.
+
+def ema_decay(step: int, decay: float, warmup: bool) -> float:
+    """Decay after ``step`` optimizer steps (1-based); with ``warmup`` min(decay, (1+n)/(10+n))."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+@torch.no_grad()
+def ema_update(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+               decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * param, one fused kernel per dtype/device group."""
+    torch._foreach_lerp_(list(ema_params), list(params), 1.0 - decay)
+
+
+def with_default_command(argv: Sequence[str], commands: Sequence[str], default: str) -> list[str]:
+    """``argv`` with ``default`` put in front unless it starts with a subcommand or -h, so CLIs
+    with argparse subcommands keep accepting their original command-less form."""
+    argv = list(argv)
+    if argv[:1] and argv[0] in (*commands, "-h", "--help"):
+        return argv
+    return [default, *argv]
