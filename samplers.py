@@ -13,8 +13,8 @@ reduced to its first element, as REPA's models return one). Conventions (docs/CO
 - Noise: sample i's starting noise and SDE step noise come only from (seed, global index i[, step]),
   never from the batch it lands in, so results do not depend on batch size or process count.
 
-Public API: :func:`sample_ode`, :func:`sample_sde` (or :func:`sample` with ``mode``),
-:func:`velocity_with_cfg`, :func:`score_from_velocity`, :func:`sample_noise`, :class:`StepNoise`,
+Public API: :func:`sample_ode`, :func:`sample_sde`, :func:`sample_meanflow` (or :func:`sample`
+with ``mode``), :func:`velocity_with_cfg`, :func:`score_from_velocity`, :func:`sample_noise`, :class:`StepNoise`,
 :func:`decode_latents`, :func:`images_to_uint8`.
 """
 from __future__ import annotations
@@ -400,12 +400,57 @@ def sample_sde(model: nn.Module, shape: Sequence[int], *, num_steps: int = 250,
     return _finish(x, vae, latent_scale, latent_bias)
 
 
-SAMPLERS = {"ode": sample_ode, "sde": sample_sde}
+def average_velocity(model: nn.Module, x: torch.Tensor, r: float, t: float,
+                     y: torch.Tensor | None, null_label: int | None = None,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A MeanFlow model's average velocity u(x, r, t | y) (one call, no guidance); ``y=None``
+    means the null label. The model gets x and (N,) times in ``dtype``; the result has x's dtype."""
+    dtype = dtype or model_dtype(model)
+    if y is None:
+        y = torch.full((x.shape[0],), resolve_null_label(model, null_label), dtype=torch.long,
+                       device=x.device)
+
+    def full(v: float) -> torch.Tensor:
+        return torch.full((x.shape[0],), v, dtype=torch.float64, device=x.device).to(dtype)
+
+    out = model(x.to(dtype), full(t), y, r=full(r))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.to(x.dtype)
+
+
+@torch.no_grad()
+def sample_meanflow(model: nn.Module, shape: Sequence[int], *, num_steps: int = 1,
+                    y: torch.Tensor | None = None, seed: int = 0,
+                    indices: IndexLike | None = None, noise: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None, null_label: int | None = None,
+                    vae: Any = None, latent_scale: float | Sequence[float] | torch.Tensor = 0.18215,
+                    latent_bias: float | Sequence[float] | torch.Tensor = 0.0,
+                    progress: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    """MeanFlow sampling (docs/CONVENTIONS.md §11) with a model called as ``model(x, t, y, r=r)``
+    that returns the average velocity over [r, t].
+
+    Grid t_k = linspace(1, 0, num_steps + 1) (float64); each step z_r = z_t - (t - r) u(z_t, r, t),
+    so one step (1 NFE) is x = eps - u(eps, 0, 1). No CFG: guidance is part of training. The
+    starting noise, labels, seeding, return value and decoding are those of :func:`sample_ode`
+    (the same seed and indices give the same eps). Put the model in eval mode first.
+    """
+    x, y, _, _ = _setup(model, shape, y, seed, indices, noise, "linear", num_steps, 1.0)
+    dtype = dtype or model_dtype(model)
+    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+    for k in _steps(num_steps, progress, "meanflow"):
+        t_cur, t_next = ts[k], ts[k + 1]
+        x = x - (t_cur - t_next) * average_velocity(model, x, t_next, t_cur, y, null_label, dtype)
+    return _finish(x, vae, latent_scale, latent_bias)
+
+
+SAMPLERS = {"ode": sample_ode, "sde": sample_sde, "meanflow": sample_meanflow}
 
 
 def sample(model: nn.Module, shape: Sequence[int], mode: str = "ode", **kwargs
            ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Dispatch to :func:`sample_ode` (``mode='ode'``) or :func:`sample_sde` (``mode='sde'``)."""
+    """Dispatch to :func:`sample_ode` (``mode='ode'``), :func:`sample_sde` (``mode='sde'``) or
+    :func:`sample_meanflow` (``mode='meanflow'``)."""
     if mode not in SAMPLERS:
         raise ValueError(f"unknown sampling mode {mode!r}: one of {', '.join(SAMPLERS)}")
     return SAMPLERS[mode](model, shape, **kwargs)

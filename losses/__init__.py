@@ -4,6 +4,7 @@
 - :mod:`losses.dispersive`: the dispersive regulariser (Wang & He 2025) and its module wrapper.
 - :mod:`losses.stablevm`: the StableVM memory bank, the stable target and batch construction.
 - :mod:`losses.alignment`: REPA alignment, VA-REPA time weights, iREPA spatial normalisation.
+- :mod:`losses.meanflow`: MeanFlow (average-velocity) times, JVP target, guidance and loss.
 """
 from .alignment import (ALIGN_MODES, VA_SCHEDULES, align_tokens, alignment_loss,
                         spatial_normalize, va_weights)
@@ -11,6 +12,8 @@ from .dispersive import VARIANTS as DISPERSIVE_VARIANTS
 from .dispersive import DispersiveLoss, dispersive_loss, gather_negatives
 from .interpolant import (PATH_TYPES, TIME_SAMPLERS, expand_t_like, interpolate,
                           path_coefficients, sample_time, si_loss)
+from .meanflow import (MeanFlowLoss, average_velocity_jvp, guided_velocity, meanflow_batch,
+                       meanflow_loss, meanflow_losses, meanflow_target, sample_meanflow_times)
 from .stablevm import (MemoryBank, build_stablevm_batch, stable_target, stable_target_efficient,
                        strict_fp32)
 
@@ -19,4 +22,6 @@ __all__ = ["DISPERSIVE_VARIANTS", "DispersiveLoss", "dispersive_loss", "gather_n
            "sample_time", "si_loss", "ALIGN_MODES", "VA_SCHEDULES", "align_tokens",
            "alignment_loss", "spatial_normalize", "va_weights",
            "MemoryBank", "build_stablevm_batch", "stable_target", "stable_target_efficient",
-           "strict_fp32"]
+           "strict_fp32", "MeanFlowLoss", "average_velocity_jvp", "guided_velocity",
+           "meanflow_batch", "meanflow_loss", "meanflow_losses", "meanflow_target",
+           "sample_meanflow_times"]

@@ -56,6 +56,29 @@ def si_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, cfg_prob: fl
     return {"x_t": x_t, "t": t, "y": y, "target": v, "x0": x, "eps": eps}
 
 
+def forward_with_features(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                          *, depth: int, disp: DispersiveLoss | None = None,
+                          return_proj: bool = False, **model_kwargs
+                          ) -> tuple[torch.Tensor, dict | None]:
+    """``(prediction, aux)`` from one forward of ``model`` that also returns the block features
+    ``disp`` reads (and the projections when asked); ``aux`` is None when nothing extra was
+    asked for. ``model_kwargs`` go to the model (e.g. MeanFlow's ``r``)."""
+    blocks = disp.feature_blocks(depth) if disp is not None else None
+    out = model(x_t, t, y, return_features=blocks, return_proj=return_proj, **model_kwargs)
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def add_dispersive(terms: dict[str, torch.Tensor], total: torch.Tensor,
+                   disp: DispersiveLoss | None, aux: dict | None, depth: int) -> torch.Tensor:
+    """Record the unweighted dispersive term in ``terms['disp']`` and return ``total`` plus its
+    weighted value (``total`` unchanged when ``disp`` is None)."""
+    if disp is None:
+        return total
+    d = disp(aux["features"], depth)
+    terms["disp"] = d["disp"]
+    return total + d["loss"]
+
+
 def training_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, depth: int,
                     path_type: str = "linear", disp: DispersiveLoss | None = None,
                     align: AlignmentTerm | None = None,
@@ -70,17 +93,11 @@ def training_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, depth: 
     """
     if (align is None) != (align_targets is None):
         raise ValueError("the alignment term needs both `align` and `align_targets`")
-    blocks = disp.feature_blocks(depth) if disp is not None else None
-    out = model(batch["x_t"], batch["t"], batch["y"], return_features=blocks,
-                return_proj=align is not None)
-    pred, aux = out if isinstance(out, tuple) else (out, None)
+    pred, aux = forward_with_features(model, batch["x_t"], batch["t"], batch["y"], depth=depth,
+                                      disp=disp, return_proj=align is not None)
     si = si_loss(pred, batch["x0"], batch["eps"], batch["t"], path_type, target=batch["target"])
     terms = {"si": si["loss"]}
-    total = si["loss"]
-    if disp is not None:
-        d = disp(aux["features"], depth)
-        terms["disp"] = d["disp"]
-        total = total + d["loss"]
+    total = add_dispersive(terms, si["loss"], disp, aux, depth)
     if align is not None:
         a = alignment_loss(aux["proj"], list(align_targets), batch["t"], align.schedule,
                            align.tau, align.k, align.spatial_norm_gamma, path_type)

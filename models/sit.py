@@ -9,6 +9,8 @@ One file, one size registry (``SiT_models``). Conventions (docs/CONVENTIONS.md ย
 - Blocks are numbered 1..depth: "block k" is the token output after k blocks (REPA's
   ``--encoder-depth`` convention). ``return_features`` asks for any set of them; ``return_proj``
   runs the projectors on block ``encoder_depth`` (only then: sampling never pays for them).
+- ``SiT(meanflow=True)`` predicts the average velocity u(x, r, t) over [r, t] (docs/CONVENTIONS.md
+  ยง11): a second time embedder reads h = t - r, and ``forward(..., r=r)``.
 """
 from __future__ import annotations
 
@@ -28,11 +30,14 @@ import torch.nn.functional as F
 # Embeddings.
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t in [0, 1]: [cos(t w_k), sin(t w_k)], w_k = max_period^(-k/half)."""
+    """Sinusoidal embedding of t in [0, 1]: [cos(t w_k), sin(t w_k)], w_k = max_period^(-k/half).
+
+    Computed in fp32, or fp64 for an fp64 ``t`` (float64 derivative checks need it)."""
     half = dim // 2
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
     freqs = torch.exp(-math.log(max_period) *
-                      torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+                      torch.arange(half, dtype=work, device=t.device) / half)
+    args = t.to(work)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
@@ -207,7 +212,7 @@ class SiT(nn.Module):
                  mlp_ratio: float = 4.0, num_classes: int = 1000, qk_norm: bool = False,
                  z_dims: Sequence[int] = (), projector_dim: int = 2048, encoder_depth: int = 8,
                  projector_type: str = "mlp", projector_kernel_size: int = 3,
-                 flip_time: bool = False):
+                 flip_time: bool = False, meanflow: bool = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
@@ -223,10 +228,13 @@ class SiT(nn.Module):
         # flip_time: the weights were trained with t=0 noise, t=1 data and v = x - eps (SiT's own
         # checkpoints); inputs and outputs are mapped so callers always see this repo's convention.
         self.flip_time = flip_time
+        self.meanflow = meanflow
         self.grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        # MeanFlow: the interval h = t - r gets its own embedder, added to the conditioning.
+        self.h_embedder = TimestepEmbedder(hidden_size) if meanflow else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size),
                                       requires_grad=False)
@@ -254,6 +262,12 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.h_embedder is not None:
+            # Zero output layer: h adds nothing at step 0, so a plain SiT checkpoint loaded with
+            # strict=False gives u(x, r, t) = v(x, t) for every r; the first layer still trains.
+            nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.h_embedder.mlp[2].weight)
+            nn.init.zeros_(self.h_embedder.mlp[2].bias)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -274,9 +288,23 @@ class SiT(nn.Module):
         per_block = (t * (4 * d * d + 2 * d * mlp_hidden)   # qkv + proj, fc1 + fc2
                      + 2 * t * t * d                         # q k^T and attn @ v
                      + 6 * d * d)                            # adaLN modulation (per sample)
-        embed = t * p2c * d + self.t_embedder.frequency_size * d + d * d
+        time_mlp = self.t_embedder.frequency_size * d + d * d
+        embed = t * p2c * d + time_mlp * (2 if self.h_embedder is not None else 1)
         final = 2 * d * d + t * d * p2c
         return self.depth * per_block + embed + final
+
+    def _interval_embedding(self, t: torch.Tensor, r: torch.Tensor | None
+                            ) -> torch.Tensor | None:
+        """h_embedder(t - r) for a MeanFlow model (h = 0 when r is None); None otherwise."""
+        if self.h_embedder is None:
+            if r is not None:
+                raise ValueError("r was given but this SiT was built without meanflow=True")
+            return None
+        if r is None:
+            return self.h_embedder(torch.zeros_like(t))
+        if r.ndim == 0:
+            r = r.expand(t.shape[0])
+        return self.h_embedder(t - r)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W); channel is the fastest index within a patch."""
@@ -285,11 +313,18 @@ class SiT(nn.Module):
         return x.reshape(n, c, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
-                return_features: Iterable[int] | None = None, return_proj: bool = False):
+                return_features: Iterable[int] | None = None, return_proj: bool = False,
+                r: torch.Tensor | None = None):
         """Velocity at (x, t | y). With ``return_features`` (1-indexed block numbers) or
-        ``return_proj`` returns ``(out, {"features": {k: (N, T, D)}, "proj": [(N, T, z)]})``."""
+        ``return_proj`` returns ``(out, {"features": {k: (N, T, D)}, "proj": [(N, T, z)]})``.
+
+        A ``meanflow`` model returns the average velocity u(x, r, t) over [r, t] (r <= t);
+        ``r=None`` means r = t, the instantaneous velocity. Its h embedder reads h = t - r in
+        this repository's time axis, before any ``flip_time`` mapping of t.
+        """
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        h_emb = self._interval_embedding(t, r)
         if self.flip_time:
             t = 1 - t
         want = set(return_features or ())
@@ -300,6 +335,8 @@ class SiT(nn.Module):
             raise ValueError("return_proj=True but the model has no projectors (z_dims empty)")
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
+        if h_emb is not None:
+            c = c + h_emb
         feats, proj = {}, []
         for k, block in enumerate(self.blocks, start=1):
             h = block(h, c)
