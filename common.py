@@ -55,12 +55,54 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+DATA_SHA256 = "data_sha256"  # safetensors metadata key: sha256 of the file's data section
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: dict[str, str] | None = None) -> None:
-    """safetensors file of ``tensors`` (moved to the CPU), written atomically."""
+                            metadata: dict[str, str] | None = None,
+                            checksum: bool = False) -> None:
+    """safetensors file of ``tensors`` (moved to the CPU), written atomically. With ``checksum``
+    the header's metadata carries the sha256 of the data section (the header itself cannot hash
+    the bytes it is part of), which :func:`safetensors_checksum_problem` verifies."""
     from safetensors.torch import save
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(cpu, metadata=metadata))
+    data = save(cpu, metadata=metadata)
+    if checksum:
+        start = 8 + int.from_bytes(data[:8], "little")
+        digest = hashlib.sha256(data[start:]).hexdigest()
+        data = save(cpu, metadata={**(metadata or {}), DATA_SHA256: digest})
+    atomic_write_bytes(path, _sorted_header(data))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its header's keys sorted: safetensors writes metadata in
+    hash-map order, which differs between processes, and resumed runs must write the same bytes."""
+    n = int.from_bytes(data[:8], "little")
+    blob = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return len(blob).to_bytes(8, "little") + blob + data[8 + n:]
+
+
+def safetensors_checksum_problem(path: str | os.PathLike) -> str | None:
+    """Why a safetensors file written with ``checksum=True`` is damaged, or None when it is
+    intact or carries no checksum (a file from elsewhere)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > 100_000_000:
+                return f"{path}: damaged header (length {n})"
+            header = json.loads(f.read(n))
+            want = (header.get("__metadata__") or {}).get(DATA_SHA256)
+            if want is None:
+                return None
+            h = hashlib.sha256()
+            while block := f.read(1 << 22):
+                h.update(block)
+    except (OSError, ValueError, AttributeError) as e:
+        return f"{path}: unreadable ({e})"
+    if h.hexdigest() != want:
+        return f"{path}: the tensor data does not match its checksum (the file is damaged)"
+    return None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

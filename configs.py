@@ -36,6 +36,8 @@ class TrainingConfig:
                      group="data")
     num_workers: int = _f(1, "reader threads (the shard reader needs no worker processes)",
                           group="data")
+    verify_shards: bool = _f(True, "check every shard's sha256 against the manifest before "
+                             "training (the processes share the work)", group="data")
     # -- model -----------------------------------------------------------------------------------
     model: str = _f("SiT-XL/2", "SiT size from models.sit.SiT_models", group="model")
     depth: int | None = _f(None, "override the size's depth", group="model")
@@ -121,6 +123,9 @@ class TrainingConfig:
     # -- runtime ---------------------------------------------------------------------------------
     mixed_precision: str = _f("no", "autocast dtype (fp16 adds a gradient scaler)",
                               choices=("no", "fp16", "bf16"), group="runtime")
+    max_consecutive_skips: int = _f(25, "fp16: stop the run after this many consecutive steps "
+                                    "skipped for non-finite gradients (each halves the loss "
+                                    "scale)", group="runtime")
     allow_tf32: bool = _f(True, "TF32 matmuls/convolutions on NVIDIA GPUs", group="runtime")
     compile: bool = _f(False, "torch.compile the model", group="runtime")
     seed: int = _f(0, "seed of model init, data order and noise", aliases=("--global-seed",),
@@ -133,6 +138,9 @@ class TrainingConfig:
     checkpointing_steps: int = _f(50_000, "save a checkpoint every N steps (and at the end)",
                                   aliases=("--ckpt-every",), group="run")
     checkpoints_total_limit: int = _f(3, "keep the last K checkpoints (0 keeps all)", group="run")
+    allow_config_change: bool = _f(False, "on resume, accept changed settings of the objective, "
+                                   "data or optimizer (config.json records from which step "
+                                   "they hold)", group="run")
     resume: str | None = _f(None, "'latest', a step number or a checkpoint directory",
                             aliases=("--resume-from-checkpoint",), group="run")
     resume_step: int = _f(0, "REPA compatibility: resume from the checkpoint of this step",

@@ -738,7 +738,10 @@ def digits_accuracy(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> di
 
 def run_digits_accuracy(args: argparse.Namespace) -> int:
     """``evaluate.py digits-accuracy SAMPLES``: class accuracy of generated digits."""
-    with np.load(args.samples) as z:
+    if not zipfile.is_zipfile(args.samples):  # np.load would suggest allow_pickle for any file
+        raise ValueError(f"{args.samples} is not an .npz archive: pass the samples.npz that "
+                         f"generate.py writes (arr_0 images, arr_1 labels)")
+    with np.load(args.samples, allow_pickle=False) as z:
         if "arr_1" not in z:
             raise ValueError(f"{args.samples} has no labels (arr_1); sample with generate.py")
         images, labels = z["arr_0"], z["arr_1"]

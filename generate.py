@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode_pos", nargs="?", metavar="ODE|SDE", type=str.lower,
-                   choices=["ode", "sde"], help="sampler (same as --mode)")
+                   help="sampler (same as --mode)")
     p.add_argument("--ckpt", required=True, help="run dir, ema.safetensors or a .pt/.safetensors")
     p.add_argument("--model", default=None, help="SiT size (default: config.json's, else SiT-XL/2)")
     p.add_argument("--mode", type=str.lower, choices=["ode", "sde"], default=None,
@@ -124,7 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=None,
                    help="ignored (SDPA is always used)")
     p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help="ignored")
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # before the positional: `--bogus 1` must blame --bogus, not the mode
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.mode_pos is not None and args.mode_pos not in ("ode", "sde"):
+        p.error(f"argument ODE|SDE: invalid choice: {args.mode_pos!r} (choose from 'ode', 'sde')")
     if args.mode and args.mode_pos and args.mode != args.mode_pos:
         p.error(f"--mode {args.mode} contradicts the positional {args.mode_pos.upper()}")
     args.mode = args.mode or args.mode_pos or "ode"
@@ -135,6 +139,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.global_seed < 0:
         p.error("--global-seed must be >= 0")
+    if args.cfg_scale < 0:  # 1 = no guidance, 0 = the unconditional model; below 0 is meaningless
+        p.error(f"--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}")
+    if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
+        p.error(f"need 0 <= --guidance-low <= --guidance-high <= 1, got "
+                f"[{args.guidance_low}, {args.guidance_high}]")
     return args
 
 
@@ -209,7 +218,14 @@ def build_model(run: dict, device):
     from models.sit import (SiT, convert_sit_state_dict, load_checkpoint, projector_kwargs,
                             read_checkpoint)
 
+    from common import safetensors_checksum_problem
     kwargs = dict(run["model_kwargs"])
+    problem = None
+    if Path(run["weights"]).suffix == ".safetensors":  # train.py's exports carry a sha256
+        problem = safetensors_checksum_problem(run["weights"])
+    if problem:
+        raise UsageError(f"{problem}; sample from a checkpoint's ema.safetensors instead, or "
+                         f"resume the run to write a fresh export")
     try:
         stored = read_checkpoint(run["weights"])  # read once: the file can be gigabytes
     except Exception as e:  # unreadable / corrupt file

@@ -14,8 +14,8 @@ reduced to its first element, as REPA's models return one). Conventions (docs/CO
   never from the batch it lands in, so results do not depend on batch size or process count.
 
 Public API: :func:`sample_ode`, :func:`sample_sde`, :func:`sample_meanflow` (or :func:`sample`
-with ``mode``), :func:`velocity_with_cfg`, :func:`score_from_velocity`, :func:`sample_noise`, :class:`StepNoise`,
-:func:`decode_latents`, :func:`images_to_uint8`.
+with ``mode``), :func:`velocity_with_cfg`, :func:`average_velocity`, :func:`score_from_velocity`,
+:func:`sample_noise`, :class:`StepNoise`, :func:`decode_latents`, :func:`images_to_uint8`.
 """
 from __future__ import annotations
 

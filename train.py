@@ -48,8 +48,8 @@ from common import (UsageError, atomic_write_bytes, atomic_write_text, ema_decay
 from configs import TrainingConfig, parse_config
 from losses import DispersiveLoss, MemoryBank, build_stablevm_batch, sample_time
 from losses.objective import AlignmentTerm, si_batch, training_losses
-from preprocessing.shards import (ShardDataset, ShardFormatError, ShardLoader, mix_seed,
-                                  read_manifest)
+from preprocessing.shards import (ShardDataset, ShardFormatError, ShardLoader, hash_problems,
+                                  mix_seed, read_manifest)
 from training import dispersive_from_config, step_generator
 
 CKPT_RE = re.compile(r"^step-(\d{7,})$")
@@ -153,7 +153,33 @@ def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> Trai
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.cfg_prob <= 1.0:
         raise UsageError(f"--cfg-prob must be in [0, 1], got {cfg.cfg_prob}")
+    check_ranges(cfg)
     return cfg
+
+
+# (field, test, what it must be): comparisons are False for NaN, so NaN is refused too
+_RANGES = (
+    ("learning_rate", lambda v: v > 0, "> 0"), ("lr_min", lambda v: v >= 0, ">= 0"),
+    ("lr_warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_epsilon", lambda v: v > 0, "> 0"), ("adam_weight_decay", lambda v: v >= 0, ">= 0"),
+    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"), ("time_shift", lambda v: v > 0, "> 0"),
+    ("disp_lambda", lambda v: v >= 0, ">= 0"), ("disp_tau", lambda v: v > 0, "> 0"),
+    ("proj_coeff", lambda v: v >= 0, ">= 0"), ("stablevm_split", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("sample_cfg_scale", lambda v: v >= 0, ">= 0 (1 = no guidance)"),
+    ("sample_num_steps", lambda v: v >= 1, ">= 1"),
+    ("checkpoints_total_limit", lambda v: v >= 0, ">= 0 (0 keeps all)"),
+    ("max_consecutive_skips", lambda v: v >= 1, ">= 1"),
+)
+
+
+def check_ranges(cfg: TrainingConfig) -> None:
+    """One clear line for a numeric flag outside its meaningful range (before torch sees it)."""
+    for name, ok, what in _RANGES:
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {value}")
 
 
 def read_data_manifest(cfg: TrainingConfig) -> dict:
@@ -443,7 +469,7 @@ def make_data(cfg: TrainingConfig, micro_batch: int, rank: int, world: int
               ) -> tuple[ShardDataset, ShardLoader]:
     try:
         dataset = ShardDataset(cfg.data_dir, cfg.latent_norm, with_images=cfg.use_proj_loss)
-    except ValueError as e:  # e.g. REPA without stored images
+    except (ValueError, ShardFormatError, OSError) as e:  # REPA without images, damaged shards
         raise UsageError(f"{e}") from None
     loader = ShardLoader(dataset, micro_batch, rank=rank, world_size=world, seed=cfg.seed,
                          hflip=cfg.hflip, output="raw", num_threads=max(1, cfg.num_workers))
@@ -454,6 +480,24 @@ def make_data(cfg: TrainingConfig, micro_batch: int, rank: int, world: int
     if cfg.epochs is not None:
         cfg.max_train_steps = cfg.epochs * steps_per_epoch
     return dataset, loader
+
+
+def verify_shards(cfg: TrainingConfig, dataset: ShardDataset, accelerator, say: "Console"
+                  ) -> None:
+    """Check every shard's sha256 against the manifest before training reads it: each process
+    hashes every world-th shard, and all of them learn every problem (one line per shard)."""
+    from accelerate.utils import gather_object
+    if not cfg.verify_shards:
+        return
+    t0 = time.perf_counter()
+    n, rank, world = len(dataset.manifest["shards"]), accelerator.process_index, \
+        accelerator.num_processes
+    mine = hash_problems(dataset.root, dataset.manifest, range(rank, n, world))
+    problems = sorted(gather_object(mine)) if world > 1 else mine
+    if problems:
+        raise UsageError("the shards do not match their manifest (re-encode them: rerun the "
+                         "encode command, which redoes damaged shards):\n  " + "\n  ".join(problems))
+    say(f"verified {n} shard(s) against the manifest in {time.perf_counter() - t0:.1f}s")
 
 
 def make_model(cfg: TrainingConfig, dataset: ShardDataset, accelerator, say: Console
@@ -513,6 +557,7 @@ def build_run(cfg: TrainingConfig, given: set[str]) -> Run:
     switches = runtime.configure(device, cfg.allow_tf32, cfg.mixed_precision, cfg.compile)
     say = Console(accelerator.is_main_process)
     dataset, loader = make_data(cfg, micro_batch, accelerator.process_index, world)
+    verify_shards(cfg, dataset, accelerator, say)
 
     model, encoders, model_kwargs = make_model(cfg, dataset, accelerator, say)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -583,39 +628,83 @@ def summary(run: Run) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: find, check, load, save, prune.
+# Checkpoints: find, verify, check, load, save, prune.
+
+CHECKSUMS = "checksums.json"  # written last: a checkpoint without it is not complete
+
+# Settings a resume may change freely (bookkeeping, not the run's maths); config.json still
+# records the change. Everything else changes the objective, data or optimizer: refused unless
+# --allow-config-change, and FIXED_KEYS never (the checkpoint's state depends on them).
+FREE_KEYS = frozenset({
+    "output_dir", "exp_name", "resume", "resume_step", "ckpt", "dry_run", "max_train_steps",
+    "epochs", "checkpointing_steps", "checkpoints_total_limit", "log_every", "report_to",
+    "logging_dir", "wandb", "sampling_steps", "sample_num_steps", "sample_cfg_scale",
+    "num_sample_images", "vae", "peak_tflops", "num_workers", "compile", "verify_shards",
+    "encoder_weights_dir", "allow_config_change", "max_consecutive_skips", "fused_attn",
+    "legacy", "allow_tf32"})
+FIXED_KEYS = RESUME_KEYS + ("resolution",)
+
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Finished checkpoints (renamed from their temporary name), oldest first."""
+    """Complete checkpoints (renamed from their temporary name, checksums written), oldest
+    first."""
     if not ckpt_dir.is_dir():
         return []
     out = []
     for p in ckpt_dir.iterdir():
         m = CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "rank-0.json").is_file():
+        if m and p.is_dir() and (p / CHECKSUMS).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
 
 
-def find_resume(spec: str | None, resume_step: int, ckpt_dir: Path) -> Path | None:
-    """The checkpoint named by --resume (latest | step number | path) or REPA's --resume-step."""
+def resume_candidates(spec: str | None, resume_step: int, ckpt_dir: Path) -> list[Path]:
+    """Checkpoints to try for --resume (latest | step number | path) or REPA's --resume-step:
+    for ``latest`` every complete one, newest first (a damaged one falls back to the previous);
+    a named one alone."""
     if not spec and resume_step:
         spec = str(resume_step)
     if not spec:
-        return None
+        return []
     found = list_checkpoints(ckpt_dir)
     if spec == "latest":
-        return found[-1][1] if found else None  # nothing yet: start fresh
+        return [p for _, p in reversed(found)]  # nothing yet: start fresh
     if spec.isdigit():
         for step, p in found:
             if step == int(spec):
-                return p
-        raise UsageError(f"no checkpoint of step {spec} in {ckpt_dir} (have: "
+                return [p]
+        raise UsageError(f"no complete checkpoint of step {spec} in {ckpt_dir} (have: "
                          f"{[s for s, _ in found] or 'none'})")
     p = Path(spec)
-    if not (p / "rank-0.json").is_file():
-        raise UsageError(f"{p} is not a finished checkpoint directory (no rank-0.json)")
-    return p
+    if not (p / CHECKSUMS).is_file():
+        raise UsageError(f"{p} is not a complete checkpoint directory (no {CHECKSUMS})")
+    return [p]
+
+
+def checkpoint_problem(path: Path, world: int) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed by ``world`` processes (None: intact)."""
+    from common import sha256_file
+    try:
+        record = json.loads((path / CHECKSUMS).read_text())
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{CHECKSUMS} is unreadable ({e})"
+    for name, digest in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if sha256_file(f) != digest:
+            return f"{name} does not match its checksum"
+    if record.get("world_size") != world:  # each process resumes its own data position and bank
+        raise UsageError(f"{path} was written by {record.get('world_size')} process(es); resume "
+                         f"it with the same number (now {world})")
+    return None
+
+
+def settings_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """{field: (old, new)} of the training settings that differ."""
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if k != "history" and old.get(k) != new.get(k)}
 
 
 def sampling_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -624,64 +713,113 @@ def sampling_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    """checkpoints/step-N: written to a temporary directory and renamed, the last K kept; the
-    start of a run (fresh or resumed) and everything it checks first."""
+    """checkpoints/step-N: written to a temporary directory with a checksum of every file, then
+    renamed; the last K kept. :meth:`start` begins or resumes a run all-or-nothing: every check
+    (settings, data, checkpoint integrity, loading into memory) runs before the run directory is
+    written to."""
 
     def __init__(self, run: Run):
         self.run = run
         self.dir = run.run_dir / "checkpoints"
 
     def start(self) -> int:
-        """Check the run directory, write config.json, load the checkpoint to resume (if any);
-        returns the step to continue from."""
+        """Check, then load the checkpoint to resume (if any), then write config.json and the
+        log; returns the step to continue from."""
         run, cfg = self.run, self.run.cfg
-        resume_from = find_resume(cfg.resume, cfg.resume_step, self.dir)
-        if resume_from is None and list_checkpoints(self.dir):
+        candidates = resume_candidates(cfg.resume, cfg.resume_step, self.dir)
+        if not candidates and list_checkpoints(self.dir):
             raise UsageError(f"{run.run_dir} already has checkpoints; pass --resume latest to "
                              "continue it or choose another --exp-name / --output-dir")
         saved = run.run_dir / "config.json"
-        if resume_from is not None:
-            self._check_resumable(resume_from, saved)
+        old = json.loads(saved.read_text()) if candidates and saved.is_file() else None
+        changes = self._check_settings(old) if old is not None else {}
+        step, skipped = 0, []
+        for path in candidates:
+            problem = checkpoint_problem(path, run.world)
+            if problem is None:
+                step = self.load(path)
+                break
+            if len(candidates) == 1 and cfg.resume != "latest":
+                raise UsageError(f"{path} is damaged: {problem}")
+            skipped.append((path, problem))
+        else:
+            if candidates:
+                raise UsageError("no intact checkpoint to resume: " + "; ".join(
+                    f"{p.name}: {why}" for p, why in skipped))
+        # -- every check passed: from here on the run directory is written --------------------
         if run.is_main:
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(saved, json.dumps(run_config(run), indent=2) + "\n")
+            self._write_config(saved, old, changes, step)
             run.say.attach(run.run_dir / "log.txt")
+            for path, why in skipped:  # kept for inspection, out of the way of the new step-N
+                aside = path.with_name(f".damaged-{path.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
         run.say(summary(run))
+        for path, why in skipped:
+            run.say(f"skipped checkpoint {path.name}: {why} (moved to .damaged-{path.name})")
+        if step:
+            run.say(f"resumed from {self.dir / f'step-{step:07d}'} at step {step}")
         run.accelerator.wait_for_everyone()
-        step = 0 if resume_from is None else self.load(resume_from)
         self._truncate_log(step)
         return step
 
-    def _check_resumable(self, resume_from: Path, saved_config: Path) -> None:
+    def _check_settings(self, old_config: dict) -> dict[str, tuple]:
+        """The settings that changed since config.json; refuses what a resume cannot honour."""
         run, cfg = self.run, self.run.cfg
-        n = len(list(resume_from.glob("rank-*.json")))
-        if n != run.world:  # each process resumes its own data position and bank
-            raise UsageError(f"{resume_from} was written by {n} process(es); resume it with the "
-                             f"same number (now {run.world})")
-        if saved_config.is_file():
-            old = json.loads(saved_config.read_text()).get("train", {})
-            diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
-                    if k in old and old[k] != getattr(cfg, k)]
-            if diff:
-                raise UsageError(f"cannot resume {run.run_dir} with a different configuration:"
-                                 "\n  " + "\n  ".join(diff))
+        changes = settings_changes(old_config.get("train", {}), cfg.to_dict())
+        data_old, ds = old_config.get("data", {}), run.dataset
+        same_data = (data_old.get("config_sha256") == run.manifest_sha
+                     and data_old.get("count") == len(ds))
+        if same_data:
+            changes.pop("data_dir", None)  # the same shards, moved: nothing changes
+        fixed = {k: v for k, v in changes.items() if k in FIXED_KEYS}
+        if not same_data and old_config.get("input_size") != ds.latent_shape[1]:
+            fixed["data (latent size)"] = (old_config.get("input_size"), ds.latent_shape[1])
+        if fixed:
+            raise UsageError(f"cannot resume {run.run_dir}: these settings fix the model, the "
+                             "data stream or the random streams and cannot change:\n  "
+                             + "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in fixed.items()))
+        guarded = {k: v for k, v in changes.items() if k not in FREE_KEYS}
+        if not same_data:
+            guarded.setdefault("data_dir", (data_old.get("dir"), str(cfg.data_dir)))
+        if guarded and not cfg.allow_config_change:
+            raise UsageError(f"cannot resume {run.run_dir} with changed settings (they would "
+                             "change the objective, the data or the optimizer):\n  "
+                             + "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in guarded.items())
+                             + "\npass --allow-config-change to continue with them anyway "
+                               "(config.json then records from which step they hold)")
+        return changes
+
+    def _write_config(self, path: Path, old: dict | None, changes: dict, step: int) -> None:
+        """config.json: the current settings plus the history of what held from which step."""
+        config = run_config(self.run)
+        history = list((old or {}).get("history") or [])
+        if old is None:
+            history = [{"from_step": 0, "train": config["train"]}]
+        elif changes:
+            history.append({"from_step": step, "changed": {k: {"old": a, "new": b}
+                                                           for k, (a, b) in changes.items()}})
+        config["history"] = history
+        atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
     def load(self, path: Path) -> int:
+        """Load a verified checkpoint into memory (model, optimizer, RNG, EMA, scaler, bank, data
+        position); a checkpoint that does not fit this run is a clear error."""
         from safetensors.torch import load_file
         run = self.run
         mine = json.loads((path / f"rank-{run.rank}.json").read_text())
         try:
             run.loader.load_state_dict(mine["loader"])
-        except ValueError as e:  # another batch size, seed or dataset
-            raise UsageError(f"{path}: {e}") from None
-        run.accelerator.load_state(str(path))
-        run.ema.load_state_dict(load_file(path / "ema.safetensors"))  # copies onto the device
-        if mine.get("scaler"):
-            run.scaler.load_state_dict(mine["scaler"])
-        bank = run.objective.bank
-        if bank is not None:
-            bank.load_state_dict(load_file(path / f"bank-{run.rank}.safetensors"))
-        run.say(f"resumed from {path} at step {mine['step']}")
+            run.accelerator.load_state(str(path))
+            run.ema.load_state_dict(load_file(path / "ema.safetensors"))  # copies onto the device
+            if mine.get("scaler"):
+                run.scaler.load_state_dict(mine["scaler"])
+            bank = run.objective.bank
+            if bank is not None:
+                bank.load_state_dict(load_file(path / f"bank-{run.rank}.safetensors"))
+        except (ValueError, RuntimeError, KeyError) as e:  # another batch, shape, dataset
+            raise UsageError(f"{path} does not fit this run: {str(e).splitlines()[0]}") from None
         return int(mine["step"])
 
     def _truncate_log(self, step: int) -> None:
@@ -693,10 +831,11 @@ class Checkpointer:
             atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
 
     def has(self, step: int) -> bool:
-        return (self.dir / f"step-{step:07d}").is_dir()
+        return (self.dir / f"step-{step:07d}" / CHECKSUMS).is_file()
 
     def save(self, step: int) -> None:
-        """Write checkpoints/step-N atomically (temp dir, then rename) and keep the last K."""
+        """Write checkpoints/step-N (temp dir, checksums last, rename), export the EMA, keep the
+        last K. The caller has checked that the state is finite."""
         run = self.run
         final, tmp = self.dir / f"step-{step:07d}", self.dir / f".tmp-step-{step:07d}"
         if run.is_main:
@@ -716,11 +855,21 @@ class Checkpointer:
             save_safetensors_atomic(run.ema.state_dict(), tmp / "ema.safetensors")
         run.accelerator.wait_for_everyone()
         if run.is_main:
+            self._write_checksums(tmp, step)
+            if final.exists():  # an incomplete leftover (no checksums) of an interrupted run
+                shutil.rmtree(final)
             os.replace(tmp, final)
             save_safetensors_atomic(sampling_state_dict(run.ema), run.run_dir / "ema.safetensors",
-                                    metadata={"step": str(step)})
+                                    metadata={"step": str(step)}, checksum=True)
             self._prune()
         run.accelerator.wait_for_everyone()
+
+    def _write_checksums(self, tmp: Path, step: int) -> None:
+        from common import sha256_file
+        files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*"))
+                 if f.is_file()}
+        record = {"step": step, "world_size": self.run.world, "files": files}
+        atomic_write_text(tmp / CHECKSUMS, json.dumps(record, indent=1) + "\n")
 
     def _prune(self) -> None:
         limit = self.run.cfg.checkpoints_total_limit
@@ -772,18 +921,86 @@ class MetricsLog:
             rec["loss_scale"] = run.scaler.get_scale()
         if self.peak:
             rec["mfu"] = 6 * run.macs * img_s / run.world / self.peak  # fwd+bwd = 3 fwd, 2 FLOP/MAC
-        nonfinite = [k for k in ("loss", "si") if not math.isfinite(rec.get(k, 0.0))]
-        if nonfinite and not run.scaler.is_enabled() and run.is_main:
-            raise RuntimeError(f"non-finite loss at step {step}: {rec}; the last checkpoint "
-                               f"is in {run.run_dir / 'checkpoints'}")
+        rec = json_safe(rec)
         if run.is_main:
             with open(run.run_dir / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-        run.accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+                fh.write(json.dumps(rec, allow_nan=False) + "\n")
+            self.bar.set_postfix(loss=f"{rec['loss']}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+        run.accelerator.log({k: v for k, v in rec.items() if k != "step" and v is not None},
+                            step=step)
         self.last = rec
         self.restart()
         return rec
+
+
+class Diverged(Exception):
+    """The run produced non-finite values; it stopped before saving any of them."""
+
+
+class DivergenceGuard:
+    """Non-finite losses, gradients or weights, found without a host sync per step: device
+    counters are updated every step and read, by every process at once, only at log, sample and
+    checkpoint points (which sync anyway), and always before a checkpoint or EMA export.
+
+    Without a gradient scaler a non-finite step has already corrupted the weights: the run stops.
+    With fp16's scaler a skipped step is normal (the scale halves), but ``--max-consecutive-skips``
+    skips in a row mean the run has diverged.
+    """
+
+    def __init__(self, run: Run, step: int):
+        dev = run.device
+        self.run = run
+        self.step = torch.full((), step, dtype=torch.long, device=dev)  # device copy of the step
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+        self.streak = torch.zeros((), dtype=torch.long, device=dev)  # fp16 skips in a row, now
+        self.longest = torch.zeros((), dtype=torch.long, device=dev)
+
+    def update(self, terms: dict[str, torch.Tensor]) -> None:
+        """After each optimizer step: a few scalar kernels, no sync."""
+        self.step += 1
+        bad = ~(torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"]))
+        if self.run.scaler.is_enabled():
+            self.streak = (self.streak + 1) * bad
+            self.longest = torch.maximum(self.longest, self.streak)
+        else:
+            self.first_bad = torch.where((self.first_bad < 0) & bad, self.step, self.first_bad)
+
+    def check(self, step: int, weights: bool = False) -> None:
+        """Raise :class:`Diverged` on every process if any process saw a non-finite step (or,
+        with ``weights``, holds non-finite weights or EMA)."""
+        run = self.run
+        bad_weights = torch.zeros((), dtype=torch.long, device=run.device)
+        if weights:
+            params = list(run.trainable) + list(run.ema_params)
+            bad_weights = (~torch.stack([torch.isfinite(p).all() for p in params]).all()).long()
+        mine = torch.stack([self.first_bad, self.longest, bad_weights])
+        first_bad, longest, bad_weights = run.accelerator.gather(mine[None]).reshape(-1, 3).T
+        limit = run.cfg.max_consecutive_skips
+        what = []
+        if (first_bad >= 0).any():
+            what.append(f"a non-finite loss or gradient at step "
+                        f"{int(first_bad[first_bad >= 0].min())}")
+        if (longest >= limit).any():
+            what.append(f"{int(longest.max())} consecutive fp16 steps skipped for non-finite "
+                        f"gradients (limit --max-consecutive-skips {limit})")
+        if bad_weights.any():
+            what.append("non-finite weights")
+        if what:
+            raise Diverged(self._message(step, what) if run.is_main else "")
+
+    def _message(self, step: int, what: list[str]) -> str:
+        done = list_checkpoints(self.run.run_dir / "checkpoints")
+        last = (f"the last good checkpoint is {done[-1][1]} (step {done[-1][0]})" if done
+                else "no checkpoint had been written yet")
+        return (f"training diverged: {'; '.join(what)}. Stopped at step {step}; nothing "
+                f"non-finite was saved, {last}. Lower --learning-rate or use --max-grad-norm, "
+                f"then continue with --resume latest.")
+
+
+def json_safe(record: dict) -> dict:
+    """Non-finite floats as null: log.jsonl stays strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()}
 
 
 class SampleGrid:
@@ -870,25 +1087,31 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         run.objective.prefill_bank(run)
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train", unit="step",
                disable=not run.is_main, dynamic_ncols=True)
-    metrics = MetricsLog(run, bar)
+    metrics, guard = MetricsLog(run, bar), DivergenceGuard(run, step)
     data = endless(run.loader)
 
     while step < cfg.max_train_steps:
         lr = lr_at(step, cfg, cfg.max_train_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        metrics.add(train_step(run, data, step))
+        terms = train_step(run, data, step)
+        metrics.add(terms)
+        guard.update(terms)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_train_steps:
-            metrics.write(step, lr)
+            metrics.write(step, lr)  # the line is written (nulls for NaN) before a stop
+            guard.check(step)
         if cfg.sampling_steps > 0 and step % cfg.sampling_steps == 0:
+            guard.check(step)
             grid(step)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+            guard.check(step, weights=True)
             checkpoints.save(step)
             metrics.t0 = time.perf_counter()  # checkpoint time is not training throughput
 
     bar.close()
+    guard.check(step, weights=True)
     if cfg.sampling_steps == 0 or step % cfg.sampling_steps:
         grid(step)
     if not checkpoints.has(step):
@@ -912,6 +1135,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        if str(e):  # the main process says it once; every process stops
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

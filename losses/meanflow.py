@@ -19,9 +19,12 @@ block features of that same forward (:func:`meanflow_losses`).
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import warnings
+from typing import Callable, Iterator
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -96,6 +99,16 @@ def guided_velocity(u_fn: Callable[..., torch.Tensor], z_t: torch.Tensor, t: tor
     return torch.where(expand_t_like(keep, v), guided, v)
 
 
+@contextlib.contextmanager
+def _quiet_jvp_setup() -> Iterator[None]:
+    # torch loads its forward-AD decompositions through the deprecated torch.jit.script on first
+    # use; that FutureWarning is torch's own and says nothing about the caller's code.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def average_velocity_jvp(u_fn: UFn, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                          v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, du/dt)`` at (z_t, r, t) from ONE forward-mode JVP of ``u_fn(z, r, t)`` with tangent
@@ -105,11 +118,15 @@ def average_velocity_jvp(u_fn: UFn, z_t: torch.Tensor, r: torch.Tensor, t: torch
     kernel: the flash and memory-efficient kernels have no forward-mode derivative.
     """
     work = torch.promote_types(z_t.dtype, torch.float32)
-    # contiguous: forward AD cannot attach a tangent to an expanded (overlapping) view
+    # contiguous: a tangent cannot be attached to an expanded (overlapping) view
     z, r, t, v = (a.detach().to(work).contiguous() for a in (z_t, r, t, v))
     with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False), \
-            sdpa_kernel(SDPBackend.MATH):
-        u, dudt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+            sdpa_kernel(SDPBackend.MATH), _quiet_jvp_setup(), fwAD.dual_level():
+        out = u_fn(fwAD.make_dual(z, v), fwAD.make_dual(r, torch.zeros_like(r)),
+                   fwAD.make_dual(t, torch.ones_like(t)))
+        u, dudt = fwAD.unpack_dual(out)
+        if dudt is None:   # u does not depend on (z, t) at all
+            dudt = torch.zeros_like(u)
     return u.detach(), dudt.detach()
 
 
@@ -226,7 +243,7 @@ def meanflow_losses(model: nn.Module, raw_model: nn.Module, batch: dict[str, tor
     if mf.guidance_on:
         v = mf.guided(lambda z, r_, t_, y_: raw_model(z, t_, y_, r=r_), x_t, t, v, y, null_label)
     target = meanflow_target(lambda z, r_, t_: raw_model(z, t_, y, r=r_), x_t, r, t, v)["u_tgt"]
-    pred, aux = forward_with_features(raw_model, x_t, t, y, depth=depth, disp=disp, r=r)
+    pred, aux = forward_with_features(model, x_t, t, y, depth=depth, disp=disp, r=r)
     m = mf(pred, target)
     terms = {"mf": m["mf"]}
     terms["loss"] = add_dispersive(terms, m["loss"], disp, aux, depth)

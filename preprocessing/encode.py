@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.time() - t0
         print(f"[rank {state.process_index}] encoded {len(positions)} images in {dt:.1f}s "
               f"({len(positions) / max(dt, 1e-9):.1f} img/s)", flush=True)
+    from accelerate.utils import gather_object
+    encoded_now = sum(gather_object([len(todo)]))  # shards (re-)encoded by all processes
     state.wait_for_everyone()
 
     if is_main:
@@ -410,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(dest / fmt.REPORT, report)
         atomic_write_json(dest / fmt.MANIFEST, manifest)
         shutil.rmtree(dest / fmt.PROGRESS_DIR, ignore_errors=True)
-        if manifest == old_manifest:
+        if manifest == old_manifest and encoded_now == 0:
             print(f"{dest} is already complete ({manifest['count']} samples); nothing to do")
+        elif manifest == old_manifest:
+            print(f"{dest}: re-encoded {encoded_now} missing or damaged shard(s); the directory "
+                  f"is complete again ({manifest['count']} samples, same bytes as before)")
         else:
             summarize(manifest, report, dest)
         if manifest["count"] == 0:

@@ -18,7 +18,7 @@ import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -78,8 +78,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
             raise ShardFormatError(f"{path}: truncated header")
     try:
         header = json.loads(blob)
-    except json.JSONDecodeError as e:
-        raise ShardFormatError(f"{path}: header is not JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"{path}: damaged header, not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ShardFormatError(f"{path}: damaged header (not a JSON object)")
     return header, 8 + n
 
 
@@ -109,18 +111,37 @@ def map_shard(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _ST_DTYPES.get(info["dtype"])
+        try:
+            dtype = _ST_DTYPES.get(info["dtype"])
+            a, b = (int(v) for v in info["data_offsets"])
+            shape = [int(v) for v in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise ShardFormatError(f"{path}: damaged header entry for {name!r}") from None
         if dtype is None:
             raise ShardFormatError(f"{path}: unsupported dtype {info['dtype']} for {name}")
-        a, b = info["data_offsets"]
         if start + b > size:
             raise ShardFormatError(f"{path}: {name} runs past the end of the file (truncated?)")
-        shape = info["shape"]
         if b == a:
             out[name] = torch.empty(shape, dtype=dtype)
         else:
             out[name] = buf[start + a:start + b].view(dtype).view(shape)
     return out
+
+
+def hash_problems(root: str | os.PathLike, manifest: dict, which: Iterable[int] | None = None
+                  ) -> list[str]:
+    """sha256 of the shards ``which`` (indices into the manifest's list; default all) against the
+    manifest; one line per shard that is missing or differs."""
+    root = Path(root)
+    shards = manifest["shards"]
+    problems = []
+    for i in (range(len(shards)) if which is None else which):
+        path = root / shards[i]["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing (listed in the manifest)")
+        elif sha256_file(path) != shards[i]["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupt or replaced)")
+    return problems
 
 
 def verify(root: str | os.PathLike, check_hashes: bool = True) -> list[str]:

@@ -233,6 +233,23 @@ def test_adaptive_weight_and_sum_over_dims():
                                (L / (L + 0.1).sqrt()).mean())
 
 
+def test_defaults_and_bad_settings():
+    mf = MeanFlowLoss()
+    assert (mf.p, mf.c, mf.time_mu, mf.time_sigma, mf.equal_fraction) == (1.0, 1e-3, -0.4, 1.0,
+                                                                          0.75)
+    assert (mf.cfg_w, mf.cfg_kappa, mf.cfg_t_lo, mf.cfg_t_hi) == (1.0, 0.0, 0.0, 1.0)
+    assert not mf.guidance_on and MeanFlowLoss(cfg_kappa=0.5).guidance_on
+    g = torch.Generator().manual_seed(0)
+    pred, tgt = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    torch.testing.assert_close(mf(pred, tgt)["loss"], meanflow_loss(pred, tgt, 1.0, 1e-3)["loss"])
+    for bad in (dict(p=-1), dict(c=0), dict(equal_fraction=1.5), dict(cfg_kappa=1.0),
+                dict(cfg_t_lo=0.8, cfg_t_hi=0.2), dict(time_sigma=-1)):
+        with pytest.raises(ValueError):
+            MeanFlowLoss(**bad)
+    with pytest.raises(ValueError, match="differ"):
+        meanflow_loss(pred, tgt[:2])
+
+
 # ----------------------------------------------------------------------------------------------
 # (t, r) sampling and the batch.
 
@@ -271,7 +288,8 @@ def test_time_sampler_marginals_fraction_and_fixed_stream():
 
 def test_meanflow_batch_order_and_linear_path_only():
     x, y = torch.randn(8, 2, 4, 4), torch.arange(8) % 3
-    a = meanflow_batch(x, y, num_classes=3, cfg_prob=0.0, generator=torch.Generator().manual_seed(1))
+    a = meanflow_batch(x, y, num_classes=3, cfg_prob=0.0,
+                       generator=torch.Generator().manual_seed(1))
     b = meanflow_batch(x, y, num_classes=3, cfg_prob=0.5, mf=MeanFlowLoss(equal_fraction=0.0),
                        generator=torch.Generator().manual_seed(1))
     assert torch.equal(a["t"], b["t"]) and torch.equal(a["eps"], b["eps"])
