@@ -30,6 +30,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -818,7 +819,8 @@ class Checkpointer:
             bank = run.objective.bank
             if bank is not None:
                 bank.load_state_dict(load_file(path / f"bank-{run.rank}.safetensors"))
-        except (ValueError, RuntimeError, KeyError) as e:  # another batch, shape, dataset
+        except (ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
+            # another batch, shape or dataset; or a pickle that weights_only refuses to run
             raise UsageError(f"{path} does not fit this run: {str(e).splitlines()[0]}") from None
         return int(mine["step"])
 

@@ -85,9 +85,10 @@ def test_cited_docs_exist(sources):
     assert not missing, "documents cited but not in the repository:\n  " + "\n  ".join(missing)
 
 
-def test_conventions_headings_are_numbered_1_to_10():
+def test_conventions_headings_are_numbered_in_order():
     text = (ROOT / CONVENTIONS).read_text(encoding="utf-8")
-    assert [int(n) for n in HEADING.findall(text)] == list(range(1, 11))
+    numbers = [int(n) for n in HEADING.findall(text)]
+    assert len(numbers) >= 10 and numbers == list(range(1, len(numbers) + 1))
 
 
 def test_conventions_citations_name_existing_sections(sources):
