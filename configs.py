@@ -59,8 +59,9 @@ class TrainingConfig:
                          group="loss")
     legacy: bool = _f(False, "accepted for REPA compatibility; labels are always dropped in the "
                       "training loop with --cfg-prob", group="loss")
-    loss_type: str = _f("si", "si: plain interpolant target; stablevm: StableVM memory-bank target",
-                        choices=("si", "stablevm"), group="loss")
+    loss_type: str = _f("si", "si: plain interpolant target; stablevm: StableVM memory-bank "
+                        "target; meanflow: MeanFlow average velocity (one-step sampling)",
+                        choices=("si", "stablevm", "meanflow"), group="loss")
     bank_capacity_per_class: int = _f(256, "StableVM: latents kept per class (FIFO)",
                                       group="stablevm")
     prefill_bank_fully: bool = _f(False, "StableVM: fill every class before step 0 (default: at "
@@ -68,6 +69,25 @@ class TrainingConfig:
     stablevm_split: float = _f(0.5, "StableVM: stable target for t >= split", group="stablevm")
     stablevm_efficient: bool = _f(True, "StableVM: stream the bank in chunks (no (B,K,D) gather)",
                                   group="stablevm")
+    # -- MeanFlow (--loss-type meanflow; docs/CONVENTIONS.md §11) --------------------------------
+    time_mu: float = _f(-0.4, "MeanFlow: mean of the logit-normal times", aliases=("--time_mu",),
+                        group="meanflow")
+    time_sigma: float = _f(1.0, "MeanFlow: std of the logit-normal times",
+                           aliases=("--time_sigma",), group="meanflow")
+    ratio_r_not_equal_t: float = _f(0.25, "MeanFlow: fraction of samples with r < t (the rest "
+                                    "have r = t: plain flow matching)",
+                                    aliases=("--ratio_r_not_equal_t",), group="meanflow")
+    adaptive_p: float = _f(1.0, "MeanFlow: adaptive loss weight 1/(L + c)^p (0: plain MSE)",
+                           aliases=("--adaptive_p",), group="meanflow")
+    adaptive_c: float = _f(1e-3, "MeanFlow: c of the adaptive weight", group="meanflow")
+    cfg_omega: float = _f(1.0, "MeanFlow training-time guidance w (1 with kappa 0: off)",
+                          aliases=("--cfg_omega",), group="meanflow")
+    cfg_kappa: float = _f(0.0, "MeanFlow guidance kappa (effective scale w / (1 - kappa))",
+                          aliases=("--cfg_kappa",), group="meanflow")
+    cfg_min_t: float = _f(0.0, "MeanFlow guidance applies for t in [cfg-min-t, cfg-max-t]",
+                          aliases=("--cfg_min_t",), group="meanflow")
+    cfg_max_t: float = _f(1.0, "MeanFlow guidance interval end", aliases=("--cfg_max_t",),
+                          group="meanflow")
     # -- dispersive loss -------------------------------------------------------------------------
     disp: bool = _f(False, "add the dispersive loss", group="dispersive")
     disp_lambda: float = _f(0.25, "dispersive loss weight", aliases=("--lambda-disp",),
@@ -205,6 +225,13 @@ TRAINING_PRESETS: dict[str, dict] = {
                    "mixed_precision": "bf16", "disp": True, "disp_lambda": 0.25, "disp_tau": 1.0,
                    "disp_blocks": "last"},
     # The CPU demo (docs/CONVENTIONS.md §3): ~1.4M-parameter SiT on 8x8 digit pixels, ~5 steps/s on 2 cores.
+    # MeanFlow-XL/2 (Geng et al. 2025): guidance w 0.2, kappa 0.92 (effective scale 2.5) on
+    # t in [0, 0.75], 25% of samples with r < t; check against the paper before a paper run.
+    "meanflow_xl": {"model": "SiT-XL/2", "resolution": 256, "batch_size": 256,
+                    "learning_rate": 1e-4, "mixed_precision": "bf16", "loss_type": "meanflow",
+                    "cfg_prob": 0.1, "time_mu": -0.4, "time_sigma": 1.0,
+                    "ratio_r_not_equal_t": 0.25, "adaptive_p": 1.0, "cfg_omega": 0.2,
+                    "cfg_kappa": 0.92, "cfg_min_t": 0.0, "cfg_max_t": 0.75},
     "digits": {"model": "SiT-S/1", "depth": 4, "hidden_size": 128, "num_heads": 4,
                "batch_size": 64, "learning_rate": 1e-3, "max_train_steps": 800,
                "ema_decay": 0.999, "ema_warmup": True, "cfg_prob": 0.1,

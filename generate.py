@@ -75,6 +75,7 @@ from common import UsageError, atomic_write_bytes, atomic_write_json, sha256_fil
 PART_RE = re.compile(r"^(\d+)-(\d+)\.npz$")
 LABEL_STREAMS = {"random": 2, "equal": 3}
 SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
+MODES = ("ode", "sde", "meanflow")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,12 +84,13 @@ SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode_pos", nargs="?", metavar="ODE|SDE", type=str.lower,
+    p.add_argument("mode_pos", nargs="?", metavar="ODE|SDE|MEANFLOW", type=str.lower,
                    help="sampler (same as --mode)")
     p.add_argument("--ckpt", required=True, help="run dir, ema.safetensors or a .pt/.safetensors")
     p.add_argument("--model", default=None, help="SiT size (default: config.json's, else SiT-XL/2)")
-    p.add_argument("--mode", type=str.lower, choices=["ode", "sde"], default=None,
-                   help="sampler (default ode)")
+    p.add_argument("--mode", type=str.lower, choices=MODES, default=None,
+                   help="sampler (default ode); meanflow: k steps of a MeanFlow model (--num-steps "
+                        "1 is one-step generation), no CFG (guidance is trained in)")
     p.add_argument("--num-steps", type=int, default=50)
     p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--cfg-scale", type=float, default=1.0)
@@ -127,11 +129,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args, unknown = p.parse_known_args(argv)
     if unknown:  # before the positional: `--bogus 1` must blame --bogus, not the mode
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.mode_pos is not None and args.mode_pos not in ("ode", "sde"):
-        p.error(f"argument ODE|SDE: invalid choice: {args.mode_pos!r} (choose from 'ode', 'sde')")
+    if args.mode_pos is not None and args.mode_pos not in MODES:
+        p.error(f"argument ODE|SDE|MEANFLOW: invalid choice: {args.mode_pos!r} (choose from "
+                f"{', '.join(MODES)})")
     if args.mode and args.mode_pos and args.mode != args.mode_pos:
         p.error(f"--mode {args.mode} contradicts the positional {args.mode_pos.upper()}")
     args.mode = args.mode or args.mode_pos or "ode"
+    if args.mode == "meanflow" and (args.cfg_scale != 1.0 or args.heun):
+        p.error("--mode meanflow takes no --cfg-scale or --heun: a MeanFlow model's guidance is "
+                "set at training (--cfg-omega / --cfg-kappa)")
     if args.precision is None:
         args.precision = "tf32" if args.tf32 else "fp32"
     for name in ("num_steps", "num_fid_samples", "per_proc_batch_size"):
@@ -230,6 +236,8 @@ def build_model(run: dict, device):
         stored = read_checkpoint(run["weights"])  # read once: the file can be gigabytes
     except Exception as e:  # unreadable / corrupt file
         raise UsageError(f"cannot read checkpoint {run['weights']}: {e}") from None
+    if any(k.startswith("h_embedder.") for k in stored):
+        kwargs.setdefault("meanflow", True)  # a MeanFlow model (its interval embedder is stored)
     if not any(".projectors." in "." + k for k in stored):
         kwargs.pop("z_dims", None)  # no projectors stored (e.g. our ema.safetensors)
     elif "z_dims" not in kwargs and run["config"] is None:
@@ -356,7 +364,7 @@ def main(argv=None) -> int:
     from accelerate import PartialState
 
     from models.vae import WeightsNotFound, load_vae
-    from samplers import images_to_uint8, sample_ode, sample_sde
+    from samplers import images_to_uint8, sample_meanflow, sample_ode, sample_sde
 
     state = PartialState(cpu=not torch.cuda.is_available())
     device, rank, world = state.device, state.process_index, state.num_processes
@@ -368,6 +376,10 @@ def main(argv=None) -> int:
 
     run = resolve_run(args)
     model = build_model(run, device)
+    if args.mode == "meanflow" and not model.meanflow:
+        raise UsageError(f"--mode meanflow needs a model trained with --loss-type meanflow; "
+                         f"{run['weights']} holds an instantaneous-velocity model (use --mode ode "
+                         f"or sde)")
     vae = None
     vae_ident = None
     if run["vae"] is not None:
@@ -415,16 +427,20 @@ def main(argv=None) -> int:
               f"{n - n_done} to go", flush=True)
     from tqdm.auto import tqdm
     bar = tqdm(total=sum(e - s for s, e in mine), disable=not is_main, desc="sampling")
-    sampler = sample_sde if args.mode == "sde" else sample_ode
     shape_one = (run["in_channels"], run["input_size"], run["input_size"])
     for s, e in mine:
         y = torch.from_numpy(labels[s:e]).to(device)
+        common = dict(num_steps=args.num_steps, y=y, seed=args.global_seed, indices=range(s, e),
+                      vae=vae, latent_scale=run["latent_scale"], latent_bias=run["latent_bias"])
         with autocast:
-            out = sampler(model, (e - s, *shape_one), num_steps=args.num_steps, heun=args.heun,
-                          cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                          guidance_high=args.guidance_high, y=y, seed=args.global_seed,
-                          indices=range(s, e), path_type=run["path_type"], vae=vae,
-                          latent_scale=run["latent_scale"], latent_bias=run["latent_bias"])
+            if args.mode == "meanflow":
+                out = sample_meanflow(model, (e - s, *shape_one), **common)
+            else:
+                sampler = sample_sde if args.mode == "sde" else sample_ode
+                out = sampler(model, (e - s, *shape_one), heun=args.heun,
+                              cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                              guidance_high=args.guidance_high, path_type=run["path_type"],
+                              **common)
         images = out["images"] if isinstance(out, dict) else out.float().clamp(-1, 1)
         arr = images_to_uint8(images).numpy()
         atomic_write_bytes(parts_dir / f"{s:07d}-{e:07d}.npz",

@@ -47,7 +47,8 @@ import runtime
 from common import (UsageError, atomic_write_bytes, atomic_write_text, ema_decay, ema_update,
                     save_safetensors_atomic)
 from configs import TrainingConfig, parse_config
-from losses import DispersiveLoss, MemoryBank, build_stablevm_batch, sample_time
+from losses import (DispersiveLoss, MemoryBank, MeanFlowLoss, build_stablevm_batch,
+                    meanflow_batch, meanflow_losses, sample_time)
 from losses.objective import AlignmentTerm, si_batch, training_losses
 from preprocessing.shards import (ShardDataset, ShardFormatError, ShardLoader, hash_problems,
                                   mix_seed, read_manifest)
@@ -141,6 +142,8 @@ def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> Trai
         raise UsageError(f"--ckpt {cfg.ckpt} does not exist")
     if cfg.ckpt and not cfg.resume and Path(cfg.ckpt).is_dir():
         cfg.resume = cfg.ckpt  # SiT/DispLoss: --ckpt names what to continue from
+    if cfg.loss_type == "meanflow":
+        check_meanflow(cfg, given)
     if cfg.use_proj_loss:
         depth = cfg.depth or get_model_config(cfg.model)["depth"]
         if not 1 <= cfg.encoder_depth <= depth:
@@ -181,6 +184,32 @@ def check_ranges(cfg: TrainingConfig) -> None:
         value = getattr(cfg, name)
         if not ok(value):
             raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
+def check_meanflow(cfg: TrainingConfig, given: set[str]) -> None:
+    """What MeanFlow cannot be combined with here, said before anything starts."""
+    bank = sorted(k for k in ("bank_capacity_per_class", "prefill_bank_fully", "stablevm_split",
+                              "stablevm_efficient") if k in given)
+    if bank:
+        raise UsageError(
+            f"--loss-type meanflow does not use the StableVM memory bank ({', '.join(bank)}): "
+            "MeanFlow's target is built from each sample's own velocity v = eps - x (the "
+            "tangent of its JVP along that sample's path), which StableVM replaces by an "
+            "average over the bank; use --loss-type stablevm for the bank")
+    if cfg.path_type != "linear":
+        raise UsageError("--loss-type meanflow is defined on the linear path (z_t = (1-t) x + "
+                         "t eps): drop --path-type cosine")
+    if cfg.use_proj_loss:
+        raise UsageError("--loss-type meanflow with the REPA alignment term is not supported: "
+                         "drop --enc-type/--use-proj-loss (the dispersive loss, --disp, works)")
+    for name in ("time_sigma", "adaptive_c"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ratio_r_not_equal_t <= 1 or not cfg.adaptive_p >= 0:
+        raise UsageError("need 0 <= --ratio-r-not-equal-t <= 1 and --adaptive-p >= 0")
+    if not 0 <= cfg.cfg_kappa < 1 or not 0 <= cfg.cfg_min_t <= cfg.cfg_max_t <= 1:
+        raise UsageError(f"need 0 <= --cfg-kappa < 1 and 0 <= --cfg-min-t <= --cfg-max-t <= 1, got "
+                         f"kappa {cfg.cfg_kappa}, [{cfg.cfg_min_t}, {cfg.cfg_max_t}]")
 
 
 def read_data_manifest(cfg: TrainingConfig) -> dict:
@@ -322,9 +351,17 @@ class Objective:
     """
 
     def __init__(self, cfg: TrainingConfig, loader: ShardLoader, depth: int, device: torch.device,
-                 encoders: list, bank: MemoryBank | None):
+                 encoders: list, bank: MemoryBank | None, raw_model: nn.Module):
         self.cfg, self.loader, self.depth, self.device = cfg, loader, depth, device
         self.encoders, self.bank = encoders, bank
+        # MeanFlow's stop-gradient target: one JVP through the plain module's forward (no DDP,
+        # no compiled graph: forward-mode AD needs the eager code)
+        self.raw_forward = raw_model.forward
+        self.mf = None
+        if cfg.loss_type == "meanflow":
+            self.mf = MeanFlowLoss(cfg.adaptive_p, cfg.adaptive_c, cfg.time_mu, cfg.time_sigma,
+                                   1.0 - cfg.ratio_r_not_equal_t, cfg.cfg_omega, cfg.cfg_kappa,
+                                   cfg.cfg_min_t, cfg.cfg_max_t)
         try:
             self.disp: DispersiveLoss | None = dispersive_from_config(cfg, depth)
             if self.disp is not None:
@@ -347,7 +384,10 @@ class Objective:
         x = self.loader.to_latents(raw["x"].to(device, non_blocking=True), g)
         y = raw["y"].to(device, non_blocking=True)
         images = raw.get("image")
-        if self.bank is None:
+        if self.mf is not None:
+            b = meanflow_batch(x, y, num_classes=cfg.num_classes, cfg_prob=cfg.cfg_prob,
+                               mf=self.mf, path_type=cfg.path_type, generator=g)
+        elif self.bank is None:
             b = si_batch(x, y, num_classes=cfg.num_classes, cfg_prob=cfg.cfg_prob,
                          path_type=cfg.path_type, time_sampler=cfg.weighting,
                          time_shift=cfg.time_shift, generator=g)
@@ -368,6 +408,9 @@ class Objective:
 
     def losses(self, model: nn.Module, b: dict, targets: list | None) -> dict[str, torch.Tensor]:
         with runtime.autocast(self.device, self.cfg.mixed_precision):
+            if self.mf is not None:
+                return meanflow_losses(model, self.raw_forward, b, depth=self.depth, mf=self.mf,
+                                       disp=self.disp, null_label=self.cfg.num_classes)
             return training_losses(model, b, depth=self.depth, path_type=self.cfg.path_type,
                                    disp=self.disp, align=self.align, align_targets=targets)
 
@@ -519,6 +562,8 @@ def make_model(cfg: TrainingConfig, dataset: ShardDataset, accelerator, say: Con
     size = {k: v for k, v in (("depth", cfg.depth), ("hidden_size", cfg.hidden_size),
                               ("num_heads", cfg.num_heads)) if v is not None}
     model_kwargs = dict(size, qk_norm=cfg.qk_norm)
+    if cfg.loss_type == "meanflow":
+        model_kwargs["meanflow"] = True  # the interval embedder; config.json tells generate.py
     proj_kwargs = {}
     if encoders:
         proj_kwargs = dict(z_dims=[e.embed_dim for e in encoders], encoder_depth=cfg.encoder_depth,
@@ -534,10 +579,13 @@ def make_model(cfg: TrainingConfig, dataset: ShardDataset, accelerator, say: Con
                          f"{h}x{w}): {e}") from None
     if cfg.ckpt and Path(cfg.ckpt).is_file():
         try:  # projectors may differ (e.g. REPA weights into a run without REPA)
-            load_checkpoint(model, cfg.ckpt, strict=False)
+            missing = load_checkpoint(model, cfg.ckpt, strict=False).missing_keys
         except (ValueError, KeyError, OSError) as e:
             raise UsageError(f"--ckpt {cfg.ckpt}: {e}") from None
-        say(f"initialised the model (and EMA) from {cfg.ckpt}")
+        # e.g. a SiT checkpoint into a MeanFlow run: h_embedder starts at zero (u = v at step 0)
+        fresh = sorted({k.split(".")[0] for k in missing})
+        say(f"initialised the model (and EMA) from {cfg.ckpt}"
+            + (f"; not in it, left at their initialisation: {', '.join(fresh)}" if fresh else ""))
     for enc in encoders:
         say(check_token_grid(enc, model.grid))
     return model, encoders, model_kwargs
@@ -583,7 +631,7 @@ def build_run(cfg: TrainingConfig, given: set[str]) -> Run:
     if cfg.loss_type == "stablevm":
         bank = MemoryBank(cfg.num_classes, dataset.latent_shape, cfg.bank_capacity_per_class,
                           device=device, store_indices=True)
-    objective = Objective(cfg, loader, depth, device, encoders, bank)
+    objective = Objective(cfg, loader, depth, device, encoders, bank, raw_model)
     return Run(cfg=cfg, accelerator=accelerator, say=say, run_dir=run_dir, switches=switches,
                micro_batch=micro_batch, dataset=dataset, loader=loader, model=model, ema=ema,
                ema_params=ema_params, trainable=trainable, optimizer=optimizer, scaler=scaler,
@@ -885,6 +933,16 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------------
 # Hooks of the loop: metrics at log points, sample grids.
 
+def forwards_per_image(cfg: TrainingConfig) -> float:
+    """Forward-pass equivalents of one training image, for MFU (2 FLOP per MAC on top): forward +
+    backward = 3; MeanFlow adds its JVP (primal + tangent = 2) and, with guidance, 2 more forwards
+    (the unconditional and conditional u at r = t)."""
+    if cfg.loss_type != "meanflow":
+        return 3.0
+    guided = cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0
+    return 3.0 + 2.0 + (2.0 if guided else 0.0)
+
+
 class MetricsLog:
     """Sums the loss terms on the device between log points; :meth:`write` is the only host sync
     of the loop. Writes log.jsonl, the trackers and the progress bar."""
@@ -922,12 +980,13 @@ class MetricsLog:
         if run.scaler.is_enabled():
             rec["loss_scale"] = run.scaler.get_scale()
         if self.peak:
-            rec["mfu"] = 6 * run.macs * img_s / run.world / self.peak  # fwd+bwd = 3 fwd, 2 FLOP/MAC
+            rec["mfu"] = 2 * forwards_per_image(cfg) * run.macs * img_s / run.world / self.peak
         rec = json_safe(rec)
         if run.is_main:
             with open(run.run_dir / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(rec, allow_nan=False) + "\n")
-            self.bar.set_postfix(loss=f"{rec['loss']}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+            shown = rec.get("mf", rec["loss"])  # MeanFlow's adaptive loss sits near 1: show L
+            self.bar.set_postfix(loss=f"{shown}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
         run.accelerator.log({k: v for k, v in rec.items() if k != "step" and v is not None},
                             step=step)
         self.last = rec
@@ -1015,7 +1074,7 @@ class SampleGrid:
         self.warned = False
 
     def __call__(self, step: int) -> None:
-        from samplers import images_to_uint8, sample_ode
+        from samplers import images_to_uint8, sample_meanflow, sample_ode
         run, cfg = self.run, self.run.cfg
         out_path = run.run_dir / "samples" / f"step-{step:07d}.png"
         if not run.is_main or out_path.is_file():  # e.g. a rerun of a finished run
@@ -1025,10 +1084,14 @@ class SampleGrid:
         n = cfg.num_sample_images
         labels = torch.arange(n, device=run.device) % cfg.num_classes
         ds = run.dataset
-        out = sample_ode(run.ema, (n, *ds.latent_shape), num_steps=cfg.sample_num_steps,
-                         cfg_scale=cfg.sample_cfg_scale, y=labels, seed=cfg.seed,
-                         path_type=cfg.path_type, vae=self.vae,
-                         latent_scale=ds.scale.flatten(), latent_bias=ds.bias.flatten())
+        shape, decode = (n, *ds.latent_shape), dict(
+            vae=self.vae, latent_scale=ds.scale.flatten(), latent_bias=ds.bias.flatten())
+        if cfg.loss_type == "meanflow":  # what the model is for: one step, guidance trained in
+            out = sample_meanflow(run.ema, shape, num_steps=1, y=labels, seed=cfg.seed, **decode)
+        else:
+            out = sample_ode(run.ema, shape, num_steps=cfg.sample_num_steps,
+                             cfg_scale=cfg.sample_cfg_scale, y=labels, seed=cfg.seed,
+                             path_type=cfg.path_type, **decode)
         images = out["images"] if isinstance(out, dict) else out.clamp(-1, 1)
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)

@@ -477,12 +477,13 @@ def convert_sit_state_dict(sd: dict[str, torch.Tensor], in_channels: int, patch_
 
 
 def load_checkpoint(model: SiT, path: str | Path | dict[str, torch.Tensor],
-                    key: str | None = None, strict: bool = True) -> None:
+                    key: str | None = None, strict: bool = True):
     """Load REPA (strict, projectors included), SiT or our own weights into ``model``.
 
     ``path`` is a file (see :func:`read_checkpoint`) or a state dict already read from one. For
     SiT's own checkpoints build the model with ``flip_time=True``. A mismatch names the
-    missing/unexpected/mis-shaped tensors instead of a generic error.
+    missing/unexpected/mis-shaped tensors instead of a generic error. Returns torch's
+    ``(missing_keys, unexpected_keys)`` (both empty when ``strict``).
     """
     raw = path if isinstance(path, dict) else read_checkpoint(path, key)
     if isinstance(path, dict):
@@ -501,4 +502,4 @@ def load_checkpoint(model: SiT, path: str | Path | dict[str, torch.Tensor],
         lines += [f"  missing {k}" for k in missing[:10]]
         lines += [f"  unexpected {k}" for k in unexpected[:10]]
         raise ValueError("\n".join(lines))
-    model.load_state_dict(sd, strict=strict)
+    return model.load_state_dict(sd, strict=strict)
