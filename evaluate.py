@@ -3,6 +3,7 @@
     python evaluate.py SAMPLES.npz REFERENCE.npz --inception pt_inception-2015-12-05-6726825d.pth
     python evaluate.py make-reference SOURCE OUT.npz --inception PATH [--max-images N]
     python evaluate.py digits-accuracy SAMPLES.npz     (models trained on the sklearn digits)
+    python evaluate.py digits SAMPLES.npz [--json OUT] [--seed S] [--splits K]
 
 The numbers follow guided-diffusion's ``evaluations/evaluator.py`` (docs/CONVENTIONS.md §7):
 
@@ -32,6 +33,11 @@ covariance product 20-70 s there (``--fid-method eigh``: a few seconds, see frec
 Python: ``compute_metrics(samples, reference, model, batch_size)`` returns the same numbers as a
 dict; the pieces (``frechet_distance``, ``inception_score``, ``precision_recall``, ``knn_radii``,
 ``compute_activations``) are pure functions of arrays.
+
+Digits (CPU demo): ``digits_metrics(images, labels, seed, splits)`` is a distribution metric in
+the hidden features of a small classifier fitted on a fixed half of the real digits: Frechet
+distance over its real floor, precision/recall, class accuracy, within-class diversity and
+training copies (docs/CONVENTIONS.md §12); ``digits_accuracy`` is the class accuracy alone.
 """
 from __future__ import annotations
 
@@ -756,15 +762,275 @@ def run_digits_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# digits: a distribution metric for models trained on the sklearn digits (docs/CONVENTIONS.md
+# §12). Class accuracy alone rewards mode-seeking (CFG 3 reaches 100% far from the data); this
+# measures how close the generated set is to the real digits as a distribution.
+
+DIGITS_SPLIT_SEED = 0        # the fixed stratified split: real A (classifier, reference) / real B
+DIGITS_HIDDEN = 128          # width of the classifier's hidden layer = feature dimension
+DIGITS_COPY_PERCENTILE = 1.0  # copy threshold: this percentile of real B's NN distances to real A
+DIGITS_MIN_SAMPLES = 5
+_STREAM_FLOOR, _STREAM_PR, _STREAM_BOOTSTRAP = 1, 2, 3
+
+
+def digits_real_images() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 sklearn digits as a perfect generator would write them to samples.npz: 8x8 values
+    v in 0..16 -> uint8 round(v * 255 / 16) (encode.py's digits path), grey copied to RGB."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    u = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
+    return np.repeat(u[..., None], 3, axis=-1), d.target.astype(np.int64)
+
+
+class DigitsReference:
+    """The fixed parts of the digits metric: the real halves and the feature classifier.
+
+    Real A (898 digits) and real B (899) are a stratified half/half split with a fixed seed.
+    Pixels are sklearn's 64-d 0..16 vectors after the uint8 round trip of samples.npz, so a real
+    digit and a perfect sample of it are identical. The classifier is an MLP (one ReLU hidden
+    layer of 128 units, Adam, L2 1e-3, fixed seed) on standardised pixels, (x - mean_A) /
+    (std_A + 1) (the +1, one grey level, keeps never-inked border pixels from being blown up),
+    fitted on real A; the features are its hidden activations, computed here with numpy.
+    """
+
+    def __init__(self):
+        import warnings as _w
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.model_selection import train_test_split
+        from sklearn.neural_network import MLPClassifier
+
+        images, labels = digits_real_images()
+        pixels = digits_to_features(images)
+        ia, ib = train_test_split(np.arange(len(labels)), test_size=0.5,
+                                  random_state=DIGITS_SPLIT_SEED, stratify=labels)
+        ia, ib = np.sort(ia), np.sort(ib)
+        self.images_a, self.images_b = images[ia], images[ib]
+        self.pixels_a, self.pixels_b = pixels[ia], pixels[ib]
+        self.labels_a, self.labels_b = labels[ia], labels[ib]
+        self.mean = self.pixels_a.mean(0)
+        self.scale = self.pixels_a.std(0) + 1.0
+        clf = MLPClassifier((DIGITS_HIDDEN,), activation="relu", solver="adam", alpha=1e-3,
+                            max_iter=1000, random_state=DIGITS_SPLIT_SEED)
+        with _w.catch_warnings():
+            _w.simplefilter("ignore", ConvergenceWarning)
+            clf.fit((self.pixels_a - self.mean) / self.scale, self.labels_a)
+        self.w1, self.b1 = clf.coefs_[0], clf.intercepts_[0]
+        self.w2, self.b2 = clf.coefs_[1], clf.intercepts_[1]
+        self.features_a = self.features(self.pixels_a)
+        self.features_b = self.features(self.pixels_b)
+        self.heldout_accuracy = float((self.predict(self.features_b) == self.labels_b).mean())
+        for v in vars(self).values():
+            if isinstance(v, np.ndarray):
+                v.setflags(write=False)
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 64) pixels in the 0..16 scale -> (N, 128) hidden-layer activations (float64)."""
+        return np.maximum(((np.asarray(pixels, np.float64) - self.mean) / self.scale) @ self.w1
+                          + self.b1, 0.0)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Class predicted from hidden activations (argmax of the output layer, as sklearn)."""
+        return np.argmax(features @ self.w2 + self.b2, axis=1)
+
+
+_DIGITS_REFERENCE: DigitsReference | None = None
+
+
+def digits_reference() -> DigitsReference:
+    """The (deterministic) :class:`DigitsReference`, built once per process (~0.5 s)."""
+    global _DIGITS_REFERENCE
+    if _DIGITS_REFERENCE is None:
+        _DIGITS_REFERENCE = DigitsReference()
+    return _DIGITS_REFERENCE
+
+
+def digits_subsample(total: int, n: int, seed: int, stream: int) -> np.ndarray:
+    """Sorted indices of ``n`` of ``total`` items drawn without replacement (all when
+    ``n >= total``) by ``np.random.default_rng([seed, stream])``; each use has its own stream
+    (1: real B for the floor, 2: real A for precision/recall)."""
+    if n >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng([seed, stream]).choice(total, n, replace=False))
+
+
+def _fd_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Frechet distance of Gaussians fitted to two feature sets (N-1 covariances, ADM's sqrtm)."""
+    return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False),
+                            f2.mean(0), np.cov(f2, rowvar=False))
+
+
+def _nn_distances(x: np.ndarray, ref: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """Euclidean distance of every row of ``x`` to its nearest row of ``ref`` (float64)."""
+    ref_sq = (ref * ref).sum(1)
+    out = np.empty(len(x))
+    for a in range(0, len(x), rows):
+        b = x[a:a + rows]
+        d = (b * b).sum(1)[:, None] + ref_sq[None, :] - 2.0 * (b @ ref.T)
+        out[a:a + rows] = np.sqrt(np.maximum(d.min(1), 0.0))
+    return out
+
+
+def _mean_pairwise(f: np.ndarray) -> float:
+    from scipy.spatial.distance import pdist
+    return float(pdist(f).mean())
+
+
+def digits_metrics(images: Any, labels: Any = None, seed: int = 0, splits: int = 5) -> dict:
+    """Distribution metric of generated digits against the real sklearn digits (§12).
+
+    ``images``: uint8 (N, H, W, 3), H and W multiples of 8 (samples.npz's arr_0); ``labels``:
+    the requested classes (arr_1), or None (class accuracy is then not reported and diversity
+    groups samples by the classifier's prediction). ``seed`` drives only the subsamples of the
+    real halves and the bootstrap; the split and the classifier are fixed. ``splits``: number of
+    bootstrap resamples for the spread (0: none). Returns a dict of plain numbers (see §12).
+    """
+    images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    check_images(images.shape, images.dtype, "samples")
+    n = len(images)
+    if n < DIGITS_MIN_SAMPLES:
+        raise ValueError(f"the digits metric needs at least {DIGITS_MIN_SAMPLES} samples, got {n}")
+    if int(splits) != splits or splits < 0:
+        raise ValueError(f"splits must be an integer >= 0, got {splits}")
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != n:
+            raise ValueError(f"{n} images but {labels.shape[0]} labels")
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() > 9:
+            raise ValueError("labels must be integers 0..9 (the digit classes)")
+    ref = digits_reference()
+    pixels = digits_to_features(images)
+    feats = ref.features(pixels)
+    pred = ref.predict(feats)
+    n_a, n_b = len(ref.features_a), len(ref.features_b)
+
+    # Frechet distance against real A; the floor is real B at the same count.
+    fd = _fd_features(feats, ref.features_a)
+    n_floor = min(n, n_b)
+    floor = _fd_features(ref.features_b[digits_subsample(n_b, n, seed, _STREAM_FLOOR)],
+                         ref.features_a)
+
+    # Precision / recall (k = 3 manifolds), real A subsampled to the generated count.
+    real_pr = ref.features_a[digits_subsample(n_a, n, seed, _STREAM_PR)]
+    precision, recall = precision_recall(real_pr, feats, PR_K, device="cpu")
+
+    # Within-class diversity: mean pairwise feature distance, generated / real B, per class.
+    groups = labels if labels is not None else pred
+    per_class_div = {}
+    for c in range(10):
+        fc = feats[groups == c]
+        if len(fc) >= 2:
+            per_class_div[c] = _mean_pairwise(fc) / _mean_pairwise(ref.features_b[ref.labels_b == c])
+
+    # Copies: pixel-space nearest real-A neighbour closer than real B's 1st percentile.
+    nn_real = _nn_distances(ref.pixels_b, ref.pixels_a)
+    threshold = float(np.percentile(nn_real, DIGITS_COPY_PERCENTILE))
+    nn_gen = _nn_distances(pixels, ref.pixels_a)
+
+    # Spread: bootstrap resamples of the generated set (and of real B for each floor).
+    fds, ratios = [], []
+    for k in range(int(splits)):
+        rng = np.random.default_rng([seed, _STREAM_BOOTSTRAP, k])
+        fd_k = _fd_features(feats[rng.integers(0, n, n)], ref.features_a)
+        floor_k = _fd_features(ref.features_b[rng.integers(0, n_b, n_floor)], ref.features_a)
+        fds.append(fd_k)
+        ratios.append(fd_k / floor_k)
+
+    def _ms(v: list[float]) -> tuple[float | None, float | None]:
+        return (float(np.mean(v)), float(np.std(v))) if v else (None, None)
+
+    out: dict[str, Any] = {
+        "num_samples": n, "num_real_a": n_a, "num_real_b": n_b, "feature_dim": feats.shape[1],
+        "seed": int(seed),
+        "fd": fd, "fd_floor": floor, "fd_ratio": fd / floor, "floor_samples": n_floor,
+        "precision": precision, "recall": recall, "pr_real_samples": min(n, n_a),
+        "class_accuracy": None if labels is None else float((pred == labels).mean()),
+        "per_class_accuracy": None if labels is None else {
+            int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)},
+        "classifier_heldout_accuracy": ref.heldout_accuracy,
+        "diversity": float(np.mean(list(per_class_div.values()))) if per_class_div else None,
+        "per_class_diversity": {int(c): float(v) for c, v in per_class_div.items()},
+        "copies": float((nn_gen < threshold).mean()), "copy_threshold": threshold,
+        "real_b_copies": float((nn_real < threshold).mean()),
+        "nn_distance_median": float(np.median(nn_gen)),
+        "nn_distance_median_real_b": float(np.median(nn_real)),
+        "spread_method": "bootstrap", "spread_resamples": int(splits),
+    }
+    out["fd_mean"], out["fd_std"] = _ms(fds)
+    out["fd_ratio_mean"], out["fd_ratio_std"] = _ms(ratios)
+    return out
+
+
+def format_digits_metrics(m: dict) -> str:
+    """One line per number (the table ``evaluate.py digits`` prints)."""
+    def f(v, spec=".4f"):
+        return "n/a" if v is None else format(v, spec)
+    lines = [
+        f"samples: {m['num_samples']} (real A: {m['num_real_a']}, real B: {m['num_real_b']}; "
+        f"features: {m['feature_dim']}-d classifier hidden layer)",
+        f"FD vs real A: {f(m['fd'])}",
+        f"FD floor (real B, {m['floor_samples']} images): {f(m['fd_floor'])}",
+        f"FD / floor (headline): {f(m['fd_ratio'], '.3f')}",
+    ]
+    if m["spread_resamples"]:
+        lines += [f"FD, {m['spread_resamples']} bootstrap resamples: {f(m['fd_mean'])} +- "
+                  f"{f(m['fd_std'])}",
+                  f"FD / floor, {m['spread_resamples']} bootstrap resamples: "
+                  f"{f(m['fd_ratio_mean'], '.3f')} +- {f(m['fd_ratio_std'], '.3f')}"]
+    lines += [
+        f"precision (k=3, vs {m['pr_real_samples']} real A): {f(m['precision'])}",
+        f"recall (k=3, vs {m['pr_real_samples']} real A): {f(m['recall'])}",
+        f"class accuracy (requested label): {f(m['class_accuracy'])}",
+        f"classifier held-out accuracy (real B): {f(m['classifier_heldout_accuracy'])}",
+        f"within-class diversity / real: {f(m['diversity'], '.3f')}",
+        f"copies of real A (pixel NN distance < {m['copy_threshold']:.3f}): {f(m['copies'])}",
+        f"copies among real B (same test, for scale): {f(m['real_b_copies'])}",
+        f"median pixel NN distance to real A: {f(m['nn_distance_median'], '.3f')} (real B: "
+        f"{f(m['nn_distance_median_real_b'], '.3f')})",
+    ]
+    return "\n".join(lines)
+
+
+def _read_labelled_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """arr_0 and arr_1 (None when absent) of a samples.npz; ValueError with a plain message for
+    anything else (np.load would suggest allow_pickle for a non-npz file)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz archive: pass the samples.npz that generate.py "
+                         f"writes (arr_0 images, arr_1 labels)")
+    with np.load(path, allow_pickle=False) as z:
+        if "arr_0" not in z:
+            raise ValueError(f"{path} has no images (arr_0); keys: {list(z.keys())}")
+        return z["arr_0"], (z["arr_1"] if "arr_1" in z else None)
+
+
+def run_digits(args: argparse.Namespace) -> int:
+    """``evaluate.py digits SAMPLES``: distribution metric of generated sklearn digits."""
+    images, labels = _read_labelled_npz(args.samples)
+    if labels is None:
+        print(f"note: {args.samples} has no labels (arr_1): no class accuracy; diversity groups "
+              "samples by the predicted class", file=sys.stderr)
+    res = digits_metrics(images, labels, seed=args.seed, splits=args.splits)
+    if res["floor_samples"] < res["num_samples"]:
+        print(f"note: {res['num_samples']} samples but real B has {res['num_real_b']} digits: "
+              f"the floor uses all of real B", file=sys.stderr)
+    print(format_digits_metrics(res), flush=True)
+    if args.json:
+        from common import atomic_write_json
+        atomic_write_json(args.json, {**res, "samples": str(args.samples)})
+    return 0
+
+
 COMMANDS = {"metrics": run_metrics, "make-reference": run_make_reference,
-            "digits-accuracy": run_digits_accuracy}
+            "digits-accuracy": run_digits_accuracy, "digits": run_digits}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per job; ``metrics`` is the default, so ADM's ``evaluate.py SAMPLES REF``
     form keeps working."""
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", metavar="{metrics,make-reference,digits-accuracy}",
+    sub = p.add_subparsers(dest="command", metavar="{metrics,make-reference,digits-accuracy,digits}",
                            help="metrics (default when omitted): IS, FID, sFID, precision, "
                                 "recall of SAMPLES against REFERENCE")
     m = sub.add_parser("metrics", help="IS, FID, sFID, precision, recall (ADM suite)")
@@ -797,6 +1063,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "sklearn digits) that an SVM fitted on real digits assigns to their label.")
     d.add_argument("samples", help="samples .npz with arr_0 images and arr_1 labels")
     d.add_argument("--json", default=None, help="also write the result to this JSON file")
+    g = sub.add_parser(
+        "digits", help="distribution metric of generated sklearn digits (FD ratio, P/R, ...)",
+        description="Frechet distance / real floor, precision, recall, class accuracy, "
+                    "within-class diversity and training copies of generated sklearn digits, in "
+                    "the hidden features of a small classifier fitted on a fixed half of the real "
+                    "digits (docs/CONVENTIONS.md §12).")
+    g.add_argument("samples", help="samples .npz: arr_0 uint8 (N, H, W, 3), arr_1 labels")
+    g.add_argument("--json", default=None, help="also write every number to this JSON file")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the real subsamples and the bootstrap (the split and the "
+                        "classifier are fixed)")
+    g.add_argument("--splits", type=int, default=5,
+                   help="bootstrap resamples of the generated set for the spread (0: none)")
     return p
 
 

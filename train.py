@@ -199,9 +199,6 @@ def check_meanflow(cfg: TrainingConfig, given: set[str]) -> None:
     if cfg.path_type != "linear":
         raise UsageError("--loss-type meanflow is defined on the linear path (z_t = (1-t) x + "
                          "t eps): drop --path-type cosine")
-    if cfg.use_proj_loss:
-        raise UsageError("--loss-type meanflow with the REPA alignment term is not supported: "
-                         "drop --enc-type/--use-proj-loss (the dispersive loss, --disp, works)")
     for name in ("time_sigma", "adaptive_c"):
         if not getattr(cfg, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
@@ -410,7 +407,8 @@ class Objective:
         with runtime.autocast(self.device, self.cfg.mixed_precision):
             if self.mf is not None:
                 return meanflow_losses(model, self.raw_forward, b, depth=self.depth, mf=self.mf,
-                                       disp=self.disp, null_label=self.cfg.num_classes)
+                                       disp=self.disp, null_label=self.cfg.num_classes,
+                                       align=self.align, align_targets=targets)
             return training_losses(model, b, depth=self.depth, path_type=self.cfg.path_type,
                                    disp=self.disp, align=self.align, align_targets=targets)
 

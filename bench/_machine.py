@@ -105,3 +105,19 @@ def describe_machine() -> dict[str, str]:
     except (OSError, IndexError, ValueError):
         pass
     return info
+
+
+def add_step_args(p, steps: int) -> None:
+    """The flags every training-step benchmark takes (model, batch, device, timing, threads)."""
+    p.add_argument("--model", default="SiT-B/2")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=steps, help="timed steps (medians)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+def apply_threads(args) -> None:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from bench._machine import describe_machine
+from bench._machine import add_step_args, apply_threads, describe_machine
 from losses.interpolant import interpolate, sample_time, si_loss
 from models.sit import SiT_models
 from preprocessing.shards import hash_problems, read_manifest
@@ -122,19 +122,13 @@ def bench_hashes(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="SiT-B/2")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="cpu")
+    add_step_args(p, steps=10)
     p.add_argument("--fp16", action="store_true", help="guard in its fp16 (skip-streak) form")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--update-reps", type=int, default=2000)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--hash-reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     out = {"machine": describe_machine(), "guard": bench_guard(args, device),
            "hashes": bench_hashes(args)}

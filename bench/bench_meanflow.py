@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 import runtime
-from bench._machine import describe_machine
+from bench._machine import add_step_args, apply_threads, describe_machine
 from losses import MeanFlowLoss, meanflow_batch, meanflow_losses
 from losses.objective import si_batch, training_losses
 from models.sit import SiT_models
@@ -32,17 +32,11 @@ from models.sit import SiT_models
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="SiT-B/2")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="cpu")
+    add_step_args(p, steps=6)
     p.add_argument("--precision", choices=runtime.PRECISIONS, default="no")
     p.add_argument("--guided", action="store_true", help="training-time guidance on (w=2)")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     runtime.configure(device, True, args.precision)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -30,7 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .dispersive import DispersiveLoss
 from .interpolant import expand_t_like, interpolate
-from .objective import add_dispersive, drop_labels, forward_with_features
+from .objective import (AlignmentTerm, add_alignment, add_dispersive, drop_labels,
+                        forward_with_features)
 
 __all__ = ["MeanFlowLoss", "sample_meanflow_times", "guided_velocity", "average_velocity_jvp",
            "meanflow_target", "meanflow_loss", "meanflow_batch", "meanflow_losses"]
@@ -228,23 +229,28 @@ def meanflow_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, cfg_pr
 
 def meanflow_losses(model: nn.Module, raw_model: nn.Module, batch: dict[str, torch.Tensor], *,
                     depth: int, mf: MeanFlowLoss, disp: DispersiveLoss | None = None,
-                    null_label: int) -> dict[str, torch.Tensor]:
+                    null_label: int, align: AlignmentTerm | None = None,
+                    align_targets: Sequence[torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Named terms ``{'loss', 'mf', ['disp']}`` of one MeanFlow step on ``batch``
     (:func:`meanflow_batch`).
 
     ``raw_model`` (the unwrapped module: no DDP, no torch.compile) builds the stop-gradient
     target: the guided velocity when guidance is on, then one JVP. ``model`` (possibly
     DDP-wrapped) runs one ordinary forward u_theta = model(x_t, t, y, r=r) that carries the
-    gradient and the dispersive loss's block features. loss = adaptive MeanFlow loss +
-    disp.lambda_disp * disp; ``mf`` is the raw summed squared error (detached), ``disp``
-    unweighted. ``depth`` is the model's number of blocks.
+    gradient and the dispersive loss's block features (and the REPA projections when ``align``
+    is given, weighted by the MeanFlow time t like the SI term). loss = adaptive MeanFlow loss +
+    disp.lambda_disp * disp + align.coeff * proj; ``mf`` is the raw summed squared error
+    (detached), ``disp`` and ``proj`` unweighted. ``depth`` is the model's number of blocks.
     """
     x_t, t, r, y, v = (batch[k] for k in ("x_t", "t", "r", "y", "v"))
     if mf.guidance_on:
         v = mf.guided(lambda z, r_, t_, y_: raw_model(z, t_, y_, r=r_), x_t, t, v, y, null_label)
     target = meanflow_target(lambda z, r_, t_: raw_model(z, t_, y, r=r_), x_t, r, t, v)["u_tgt"]
-    pred, aux = forward_with_features(model, x_t, t, y, depth=depth, disp=disp, r=r)
+    pred, aux = forward_with_features(model, x_t, t, y, depth=depth, disp=disp,
+                                      return_proj=align is not None, r=r)
     m = mf(pred, target)
     terms = {"mf": m["mf"]}
-    terms["loss"] = add_dispersive(terms, m["loss"], disp, aux, depth)
+    total = add_dispersive(terms, m["loss"], disp, aux, depth)
+    terms["loss"] = add_alignment(terms, total, align, aux, align_targets, t)
     return terms

@@ -79,6 +79,22 @@ def add_dispersive(terms: dict[str, torch.Tensor], total: torch.Tensor,
     return total + d["loss"]
 
 
+def add_alignment(terms: dict[str, torch.Tensor], total: torch.Tensor,
+                  align: AlignmentTerm | None, aux: dict | None,
+                  align_targets: Sequence[torch.Tensor] | None, t: torch.Tensor,
+                  path_type: str = "linear") -> torch.Tensor:
+    """Record the unweighted REPA term in ``terms['proj']`` and return ``total`` plus
+    ``align.coeff`` times it (``total`` unchanged when ``align`` is None)."""
+    if (align is None) != (align_targets is None):
+        raise ValueError("the alignment term needs both `align` and `align_targets`")
+    if align is None:
+        return total
+    a = alignment_loss(aux["proj"], list(align_targets), t, align.schedule, align.tau, align.k,
+                       align.spatial_norm_gamma, path_type)
+    terms["proj"] = a["loss"]
+    return total + align.coeff * a["loss"]
+
+
 def training_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, depth: int,
                     path_type: str = "linear", disp: DispersiveLoss | None = None,
                     align: AlignmentTerm | None = None,
@@ -98,10 +114,5 @@ def training_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, depth: 
     si = si_loss(pred, batch["x0"], batch["eps"], batch["t"], path_type, target=batch["target"])
     terms = {"si": si["loss"]}
     total = add_dispersive(terms, si["loss"], disp, aux, depth)
-    if align is not None:
-        a = alignment_loss(aux["proj"], list(align_targets), batch["t"], align.schedule,
-                           align.tau, align.k, align.spatial_norm_gamma, path_type)
-        terms["proj"] = a["loss"]
-        total = total + align.coeff * a["loss"]
-    terms["loss"] = total
+    terms["loss"] = add_alignment(terms, total, align, aux, align_targets, batch["t"], path_type)
     return terms
