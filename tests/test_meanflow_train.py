@@ -41,6 +41,12 @@ def test_meanflow_run_samples_with_one_and_two_steps(digits8, tmp_path):
         run(generate_cmd(rd, tmp_path / f"mf{k}", "--mode", "meanflow", "--num-steps", k))
         with np.load(tmp_path / f"mf{k}" / "samples.npz") as z:
             assert z["arr_0"].shape == (6, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+    # world-size independent: 2 processes and another batch size give the same bytes
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(29500 + (hash(str(tmp_path)) % 5000)), *generate_cmd(rd, tmp_path / "mf1p2",
+         "--mode", "meanflow", "--num-steps", "1", "--per-proc-batch-size", "2")[1:]])
+    assert (tmp_path / "mf1p2" / "samples.npz").read_bytes() == \
+        (tmp_path / "mf1" / "samples.npz").read_bytes()
     # with r = t the model is an instantaneous-velocity model: the ODE sampler works on it
     run(generate_cmd(rd, tmp_path / "ode", "--mode", "ode", "--num-steps", "4"))
     p = run(generate_cmd(rd, tmp_path / "bad", "--mode", "meanflow", "--cfg-scale", "2"),
