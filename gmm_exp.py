@@ -1,7 +1,8 @@
 """StableVM toy study on Gaussian mixtures: CFM vs STF vs StableVM, with exact fields and plots.
 
 A small time-conditioned MLP learns the velocity (or score) field of the linear path
-``x_t = (1 - t) x0 + t eps`` (docs/CONVENTIONS.md §1: t = 0 data, t = 1 noise) for a Gaussian mixture with
+``x_t = (1 - t) x0 + t eps`` (docs/CONVENTIONS.md §1: t = 0 data, t = 1 noise) for a Gaussian
+mixture with
 random means, diagonal variances and weights. Because the data is a mixture of Gaussians, the
 marginal p_t is one too and its velocity and score are known in closed form, so the error of the
 learned field (the "Fisher divergence", here the per-dimension mean squared error against the
@@ -205,7 +206,8 @@ def _as_t(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 # Training targets.
 
 def velocity_to_scaled_score(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``t * score`` from a velocity of the linear path: s = -(x + (1 - t) v) / t (docs/CONVENTIONS.md §6)."""
+    """``t * score`` from a velocity of the linear path: s = -(x + (1 - t) v) / t
+    (docs/CONVENTIONS.md §6)."""
     tc = t.reshape(-1, 1)
     return -(x_t + (1 - tc) * v)
 

@@ -1,7 +1,8 @@
 """ODE / SDE samplers for velocity-predicting models, with classifier-free guidance.
 
 Works with any model called as ``model(x, t, y) -> velocity`` (SiT's signature; a tuple output is
-reduced to its first element, as REPA's models return one). Conventions (docs/CONVENTIONS.md §1, §6):
+reduced to its first element, as REPA's models return one). Conventions (docs/CONVENTIONS.md §1,
+§6):
 
 - Time t in [0, 1], t=0 data, t=1 noise; x_t = a(t) x + s(t) eps, the model predicts
   v = a'(t) x + s'(t) eps (linear path: v = eps - x). Sampling integrates from t=1 to t=0, so every
@@ -231,7 +232,8 @@ def _channel_vector(v: float | Sequence[float] | torch.Tensor, like: torch.Tenso
 def decode_latents(vae: Any, z: torch.Tensor,
                    scale: float | Sequence[float] | torch.Tensor = 0.18215,
                    bias: float | Sequence[float] | torch.Tensor = 0.0) -> torch.Tensor:
-    """Pixels in [-1, 1] (float32) from model latents z = latent * scale + bias (docs/CONVENTIONS.md §2).
+    """Pixels in [-1, 1] (float32) from model latents z = latent * scale + bias
+    (docs/CONVENTIONS.md §2).
 
     ``vae`` is a diffusers AutoencoderKL-like object (``vae.decode(latent).sample``); ``scale`` and
     ``bias`` are floats or per-channel vectors (C,), the inverse of what encoding applied.

@@ -165,12 +165,14 @@ def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> Trai
 _RANGES = (
     ("learning_rate", lambda v: v > 0, "> 0"), ("lr_min", lambda v: v >= 0, ">= 0"),
     ("lr_warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("adam_epsilon", lambda v: v > 0, "> 0"), ("adam_weight_decay", lambda v: v >= 0, ">= 0"),
     ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
     ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"), ("time_shift", lambda v: v > 0, "> 0"),
     ("disp_lambda", lambda v: v >= 0, ">= 0"), ("disp_tau", lambda v: v > 0, "> 0"),
-    ("proj_coeff", lambda v: v >= 0, ">= 0"), ("stablevm_split", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("proj_coeff", lambda v: v >= 0, ">= 0"),
+    ("stablevm_split", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("sample_cfg_scale", lambda v: v >= 0, ">= 0 (1 = no guidance)"),
     ("sample_num_steps", lambda v: v >= 1, ">= 1"),
     ("checkpoints_total_limit", lambda v: v >= 0, ">= 0 (0 keeps all)"),
@@ -538,7 +540,8 @@ def verify_shards(cfg: TrainingConfig, dataset: ShardDataset, accelerator, say: 
     problems = sorted(gather_object(mine)) if world > 1 else mine
     if problems:
         raise UsageError("the shards do not match their manifest (re-encode them: rerun the "
-                         "encode command, which redoes damaged shards):\n  " + "\n  ".join(problems))
+                         "encode command, which redoes damaged shards):\n  "
+                         + "\n  ".join(problems))
     say(f"verified {n} shard(s) against the manifest in {time.perf_counter() - t0:.1f}s")
 
 

@@ -75,7 +75,8 @@ def bench_guard(args, device: torch.device) -> dict:
     for _ in range(args.steps):
         plain.append(step(False))
         guarded.append(step(True))
-    terms = {"loss": torch.tensor(1.0, device=device), "grad_norm": torch.tensor(1.0, device=device)}
+    one = torch.tensor(1.0, device=device)
+    terms = {"loss": one, "grad_norm": one}
     upd = []
     for _ in range(args.update_reps):
         _sync(device)

@@ -1,7 +1,7 @@
 """Representation alignment: REPA, VA-REPA time weights and iREPA spatial normalisation.
 
-docs/CONVENTIONS.md §5. All functions are pure: they take tensors and return tensors, device follows the
-inputs, reductions run in at least fp32 (bf16 inputs are upcast), and nothing loops over samples.
+docs/CONVENTIONS.md §5. All functions are pure: they take tensors and return tensors, device
+follows the inputs, reductions run in at least fp32 (bf16 inputs are upcast), and nothing loops over samples.
 
 - ``alignment_loss``: REPA's negative cosine similarity between projector outputs and encoder
   tokens, per sample (mean over tokens, then mean over encoders), and the self-normalised

@@ -1,7 +1,7 @@
 """StableVM: a per-class memory bank of clean latents and the stable (variance-reduced) target.
 
-docs/CONVENTIONS.md §5. For a sample with label y, time t and ``x_t = a(t) x0 + s(t) eps`` (x0 drawn from
-the bank of y), the target for ``t >= split`` is the exact marginal velocity of the empirical
+docs/CONVENTIONS.md §5. For a sample with label y, time t and ``x_t = a(t) x0 + s(t) eps`` (x0
+drawn from the bank of y), the target for ``t >= split`` is the exact marginal velocity of the empirical
 distribution held in that bank:
 
     v*(x_t, t) = (s'/s) x_t + (a' - s' a / s) * sum_j w_j x0_j,

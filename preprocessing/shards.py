@@ -1,6 +1,7 @@
 """The shard format: how encode.py writes it and how training reads it.
 
-A shard directory holds ``manifest.json`` and ``shard-NNNNN.safetensors`` files (docs/CONVENTIONS.md §3).
+A shard directory holds ``manifest.json`` and ``shard-NNNNN.safetensors`` files
+(docs/CONVENTIONS.md §3).
 Each shard has ``moments`` (N, 2C, h, w) -- posterior mean then std -- or ``latents`` (N, C, h, w)
 for stored samples/means and pixel mode, ``labels`` int64 (N,), ``index`` int64 (N,) (position in
 the source), optionally ``images`` uint8 (N, 3, H, W) and the mirrored copies ``moments_flip`` /

@@ -1,4 +1,5 @@
-"""Dispersive loss against the reference values of docs/CONVENTIONS.md §5 and direct O(B^2) loop definitions."""
+"""Dispersive loss against the reference values of docs/CONVENTIONS.md §5 and direct O(B^2) loop
+definitions."""
 from __future__ import annotations
 
 import math
@@ -19,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent definitions: plain Python loops over pairs, float64, written from docs/CONVENTIONS.md §5.
+# Independent definitions: plain Python loops over pairs, float64, written from
+# docs/CONVENTIONS.md §5.
 
 def loop_reference(z, variant, tau=1.0, margin=1.0, negatives=None):
     local = [row.double() for row in z.detach().reshape(z.shape[0], -1)]

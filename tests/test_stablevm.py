@@ -1,4 +1,5 @@
-"""StableVM: memory bank and stable target against independent definitions (docs/CONVENTIONS.md §5, §10).
+"""StableVM: memory bank and stable target against independent definitions
+(docs/CONVENTIONS.md §5, §10).
 
 The references here do not use losses.stablevm's code paths: path coefficients are written out
 with math.cos/sin, the softmax with math.exp after subtracting the max, in float64 Python loops.
