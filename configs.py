@@ -174,6 +174,20 @@ class TrainingConfig:
     sample_num_steps: int = _f(50, "Euler steps of the sample grid", group="run")
     sample_cfg_scale: float = _f(4.0, "CFG scale of the sample grid", group="run")
     num_sample_images: int = _f(64, "images in the sample grid", group="run")
+    # -- online evaluation (README, "Online evaluation") -----------------------------------------
+    eval_every: int = _f(0, "every N steps sample the EMA model and log a distribution metric "
+                         "(0: off): the digits metric on digits shards, IS/FID/sFID/precision/"
+                         "recall with --eval-reference and --inception", group="eval")
+    eval_samples: int = _f(200, "samples per evaluation (fixed noise and labels, equal per "
+                           "class)", group="eval")
+    eval_num_steps: int | None = _f(None, "sampler steps (default: 50 Euler steps; MeanFlow "
+                                    "runs: 1)", group="eval")
+    eval_cfg_scale: float = _f(1.0, "CFG scale of the evaluation samples (1: unguided)",
+                               group="eval")
+    eval_reference: str | None = _f(None, "ADM reference batch .npz (arr_0 and/or mu/sigma) for "
+                                    "the Inception metrics", group="eval")
+    inception: str | None = _f(None, "FID Inception weights (pt_inception-2015-12-05-*.pth) for "
+                               "the Inception metrics", group="eval")
     vae: str | None = _f(None, "VAE to decode sample grids (default: the shards' manifest)",
                          group="run")
     peak_tflops: float | None = _f(None, "device peak for the MFU estimate (default: known GPUs)",

@@ -689,6 +689,8 @@ FREE_KEYS = frozenset({
     "output_dir", "exp_name", "resume", "resume_step", "ckpt", "dry_run", "max_train_steps",
     "epochs", "checkpointing_steps", "checkpoints_total_limit", "log_every", "report_to",
     "logging_dir", "wandb", "sampling_steps", "sample_num_steps", "sample_cfg_scale",
+    "eval_every", "eval_samples", "eval_num_steps", "eval_cfg_scale", "eval_reference",
+    "inception",
     "num_sample_images", "vae", "peak_tflops", "num_workers", "compile", "verify_shards",
     "encoder_weights_dir", "allow_config_change", "max_consecutive_skips", "fused_attn",
     "legacy", "allow_tf32"})
@@ -875,11 +877,11 @@ class Checkpointer:
 
     def _truncate_log(self, step: int) -> None:
         """Keep log.jsonl true to the resumed history: drop lines written after the checkpoint."""
-        log_path = self.run.run_dir / "log.jsonl"
-        if self.run.is_main and log_path.is_file():
-            kept = [ln for ln in log_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+        for log_path in (self.run.run_dir / "log.jsonl", self.run.run_dir / "eval.jsonl"):
+            if self.run.is_main and log_path.is_file():
+                kept = [ln for ln in log_path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= step]
+                atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
 
     def has(self, step: int) -> bool:
         return (self.dir / f"step-{step:07d}" / CHECKSUMS).is_file()
@@ -1075,30 +1077,36 @@ class SampleGrid:
         self.warned = False
 
     def __call__(self, step: int) -> None:
-        from samplers import images_to_uint8, sample_meanflow, sample_ode
         run, cfg = self.run, self.run.cfg
         out_path = run.run_dir / "samples" / f"step-{step:07d}.png"
         if not run.is_main or out_path.is_file():  # e.g. a rerun of a finished run
             return
         if cfg.vae and self.vae is None and not self._load_vae():
             return
-        n = cfg.num_sample_images
-        labels = torch.arange(n, device=run.device) % cfg.num_classes
-        ds = run.dataset
-        shape, decode = (n, *ds.latent_shape), dict(
+        labels = torch.arange(cfg.num_sample_images, device=run.device) % cfg.num_classes
+        meanflow = cfg.loss_type == "meanflow"  # what the model is for: 1 step, no sampling CFG
+        images = self.sample(labels, 1 if meanflow else cfg.sample_num_steps, cfg.sample_cfg_scale)
+        (run.run_dir / "samples").mkdir(exist_ok=True)
+        grid = write_grid(images, out_path)
+        log_image(run.accelerator, "samples", grid, step)
+
+    def sample(self, labels: torch.Tensor, num_steps: int, cfg_scale: float) -> torch.Tensor:
+        """uint8 (N, H, W, 3) from the EMA model: sample i starts from the noise of (seed, i);
+        MeanFlow runs take ``num_steps`` MeanFlow steps (no CFG), others the Euler ODE."""
+        from samplers import images_to_uint8, sample_meanflow, sample_ode
+        run, cfg, ds = self.run, self.run.cfg, self.run.dataset
+        shape, decode = (labels.shape[0], *ds.latent_shape), dict(
             vae=self.vae, latent_scale=ds.scale.flatten(), latent_bias=ds.bias.flatten())
-        if cfg.loss_type == "meanflow":  # what the model is for: one step, guidance trained in
-            out = sample_meanflow(run.ema, shape, num_steps=1, y=labels, seed=cfg.seed, **decode)
+        if cfg.loss_type == "meanflow":
+            out = sample_meanflow(run.ema, shape, num_steps=num_steps, y=labels, seed=cfg.seed,
+                                  **decode)
         else:
-            out = sample_ode(run.ema, shape, num_steps=cfg.sample_num_steps,
-                             cfg_scale=cfg.sample_cfg_scale, y=labels, seed=cfg.seed,
-                             path_type=cfg.path_type, **decode)
+            out = sample_ode(run.ema, shape, num_steps=num_steps, cfg_scale=cfg_scale, y=labels,
+                             seed=cfg.seed, path_type=cfg.path_type, **decode)
         images = out["images"] if isinstance(out, dict) else out.clamp(-1, 1)
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        (run.run_dir / "samples").mkdir(exist_ok=True)
-        grid = write_grid(images_to_uint8(images), out_path)
-        log_image(run.accelerator, "samples", grid, step)
+        return images_to_uint8(images)
 
     def _load_vae(self) -> bool:
         from models.vae import WeightsNotFound, load_vae
@@ -1110,6 +1118,67 @@ class SampleGrid:
                 self.run.say(f"sample grids skipped: {e}")
                 self.warned = True
             return False
+
+
+class OnlineEval:
+    """Every ``--eval-every`` steps: sample the EMA model (eval mode, fixed noise, labels equal per
+    class) and log a distribution metric to eval.jsonl and the trackers, on the main process.
+    Digits shards get the digits metric (docs/CONVENTIONS.md §12); other data the ADM suite's
+    numbers against ``--eval-reference`` with the ``--inception`` weights. It draws no random
+    number of the training streams, so exact resume is unchanged."""
+
+    def __init__(self, run: Run, grid: SampleGrid):
+        self.run, self.grid, self.cfg = run, grid, run.cfg
+        self.kind, self.inception = None, None
+        if not self.cfg.eval_every:
+            return
+        if run.dataset.manifest.get("source", {}).get("type") == "digits":
+            self.kind = "digits"
+        elif self.cfg.eval_reference:
+            self.kind = "adm"
+            if not Path(self.cfg.eval_reference).is_file():
+                raise UsageError(f"--eval-reference {self.cfg.eval_reference} does not exist")
+        else:
+            raise UsageError("--eval-every needs digits shards (the digits metric) or "
+                             "--eval-reference REF.npz with --inception WEIGHTS (FID and friends)")
+        if self.kind == "adm" and run.is_main:
+            from models.inception import load_inception
+            from models.vae import WeightsNotFound
+            try:
+                self.inception = load_inception(self.cfg.inception, run.device)
+            except WeightsNotFound as e:
+                raise UsageError(str(e)) from None
+
+    def __call__(self, step: int) -> None:
+        run, cfg = self.run, self.cfg
+        if self.kind is None or step % cfg.eval_every or not run.is_main:
+            return
+        if cfg.vae and self.grid.vae is None and not self.grid._load_vae():
+            return
+        from generate import make_labels
+        labels = torch.from_numpy(make_labels(cfg.eval_samples, cfg.num_classes, "equal",
+                                              cfg.seed)).to(run.device)
+        steps = cfg.eval_num_steps or (1 if cfg.loss_type == "meanflow" else 50)
+        images = self.grid.sample(labels, steps, cfg.eval_cfg_scale).numpy()
+        metrics = self._metrics(images, labels.cpu().numpy())
+        rec = json_safe({"step": step, **{k: float(v) for k, v in metrics.items()
+                                          if isinstance(v, (int, float))}})
+        with open(run.run_dir / "eval.jsonl", "a") as fh:
+            fh.write(json.dumps(rec, allow_nan=False) + "\n")
+        run.accelerator.log({f"eval/{k}": v for k, v in rec.items()
+                             if k != "step" and v is not None}, step=step)
+        head = ("fd_ratio", "precision", "recall") if self.kind == "digits" else \
+            ("fid", "sfid", "inception_score")
+        run.say(f"eval step {step} ({cfg.eval_samples} samples, {steps} steps, cfg "
+                f"{cfg.eval_cfg_scale:g}): " + ", ".join(f"{k} {rec.get(k)}" for k in head))
+
+    def _metrics(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        if self.kind == "digits":
+            from evaluate import digits_metrics
+            return digits_metrics(images, labels)
+        from evaluate import NpzImages, compute_metrics
+        return compute_metrics(images, NpzImages(self.cfg.eval_reference), self.inception,
+                               progress=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1149,6 +1218,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
     step = checkpoints.start()
     start_trackers(run)
     grid = SampleGrid(run)
+    evaluation = OnlineEval(run, grid)
     if run.objective.bank is not None and step == 0:
         run.objective.prefill_bank(run)
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train", unit="step",
@@ -1171,10 +1241,15 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         if cfg.sampling_steps > 0 and step % cfg.sampling_steps == 0:
             guard.check(step)
             grid(step)
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            guard.check(step)
+            evaluation(step)
+            run.accelerator.wait_for_everyone()
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             guard.check(step, weights=True)
             checkpoints.save(step)
-            metrics.t0 = time.perf_counter()  # checkpoint time is not training throughput
+        if step % cfg.checkpointing_steps == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
+            metrics.t0 = time.perf_counter()  # checkpoints and evaluations are not training
 
     bar.close()
     guard.check(step, weights=True)
