@@ -128,10 +128,14 @@ def test_identical_inputs_give_identical_output(halves):
     assert np.array_equal(again.features_b, digits_reference().features_b)
 
 
+def real_plus_noise(halves, n_real: int, seed: int) -> np.ndarray:
+    """``n_real`` held-out real digits followed by 20 uniform-noise images."""
+    noise = np.random.default_rng(seed).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    return np.concatenate([pick(*halves["b"], n_real, seed=seed)[0], noise])
+
+
 def test_frechet_distance_and_floor_match_scipy(ref, halves):
-    rng = np.random.default_rng(5)
-    imgs = np.concatenate([pick(*halves["b"], 180, seed=5)[0],
-                           rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)])
+    imgs = real_plus_noise(halves, 180, seed=5)
     m = digits_metrics(imgs, None, seed=7, splits=0)
     fa = features(ref, halves["a"][0])
     assert m["fd"] == pytest.approx(frechet(features(ref, imgs), fa), rel=1e-7)
@@ -144,9 +148,7 @@ def test_frechet_distance_and_floor_match_scipy(ref, halves):
 
 
 def test_precision_recall_match_brute_force(ref, halves):
-    rng = np.random.default_rng(6)
-    imgs = np.concatenate([pick(*halves["b"], 40, seed=6)[0],
-                           rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)])
+    imgs = real_plus_noise(halves, 40, seed=6)
     m = digits_metrics(imgs, None, seed=3, splits=0)
     fa = features(ref, halves["a"][0])
     real = fa[digits_subsample(len(fa), 60, 3, DIGITS_STREAM_PR)]
