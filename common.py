@@ -66,21 +66,16 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pat
     the bytes it is part of), which :func:`safetensors_checksum_problem` verifies."""
     from safetensors.torch import save
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    data = save(cpu, metadata=metadata)
-    if checksum:
-        start = 8 + int.from_bytes(data[:8], "little")
-        digest = hashlib.sha256(data[start:]).hexdigest()
-        data = save(cpu, metadata={**(metadata or {}), DATA_SHA256: digest})
-    atomic_write_bytes(path, _sorted_header(data))
-
-
-def _sorted_header(data: bytes) -> bytes:
-    """The same safetensors file with its header's keys sorted: safetensors writes metadata in
-    hash-map order, which differs between processes, and resumed runs must write the same bytes."""
+    data = memoryview(save(cpu, metadata=metadata))
     n = int.from_bytes(data[:8], "little")
-    blob = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header, body = json.loads(bytes(data[8:8 + n])), data[8 + n:]
+    if checksum:  # the data section does not depend on the header: hash it once, add the key
+        header.setdefault("__metadata__", {})[DATA_SHA256] = hashlib.sha256(body).hexdigest()
+    # sorted keys: safetensors writes metadata in hash-map order, which differs between
+    # processes, and resumed runs must write the same bytes
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned, as safetensors does
-    return len(blob).to_bytes(8, "little") + blob + data[8 + n:]
+    atomic_write_bytes(path, b"".join((len(blob).to_bytes(8, "little"), blob, body)))
 
 
 def safetensors_checksum_problem(path: str | os.PathLike) -> str | None:

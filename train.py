@@ -45,22 +45,16 @@ import torch.nn as nn
 
 import runtime
 from common import (UsageError, atomic_write_bytes, atomic_write_text, ema_decay, ema_update,
-                    save_safetensors_atomic)
+                    mix_seed, save_safetensors_atomic, sha256_file)
 from configs import TrainingConfig, parse_config
 from losses import (DispersiveLoss, MemoryBank, MeanFlowLoss, build_stablevm_batch,
                     meanflow_batch, meanflow_losses, sample_time)
 from losses.objective import AlignmentTerm, si_batch, training_losses
 from preprocessing.shards import (ShardDataset, ShardFormatError, ShardLoader, hash_problems,
-                                  mix_seed, read_manifest)
+                                  read_manifest)
 from training import dispersive_from_config, step_generator
 
 CKPT_RE = re.compile(r"^step-(\d{7,})$")
-# Fields that fix the model, the data stream or the random streams: a resumed run must match.
-RESUME_KEYS = ("model", "depth", "hidden_size", "num_heads", "qk_norm", "num_classes",
-               "path_type", "loss_type", "bank_capacity_per_class", "enc_type", "use_proj_loss",
-               "projector_type", "projector_dim", "projector_kernel_size", "encoder_depth",
-               "use_irepa", "batch_size", "gradient_accumulation_steps", "seed", "hflip",
-               "latent_norm", "mixed_precision")
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` / its config
 
 
@@ -151,18 +145,16 @@ def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> Trai
                              f"projectors read the output of that block of a depth-{depth} model)")
     if cfg.exp_name is None:
         cfg.exp_name = default_exp_name(cfg)
-    for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
-                 "checkpointing_steps", "bank_capacity_per_class", "num_sample_images"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.cfg_prob <= 1.0:
-        raise UsageError(f"--cfg-prob must be in [0, 1], got {cfg.cfg_prob}")
     check_ranges(cfg)
     return cfg
 
 
+_COUNTS = ("batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
+           "checkpointing_steps", "bank_capacity_per_class", "num_sample_images",
+           "sample_num_steps", "max_consecutive_skips")
 # (field, test, what it must be): comparisons are False for NaN, so NaN is refused too
-_RANGES = (
+_RANGES = tuple((name, lambda v: v >= 1, ">= 1") for name in _COUNTS) + (
+    ("cfg_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("learning_rate", lambda v: v > 0, "> 0"), ("lr_min", lambda v: v >= 0, ">= 0"),
     ("lr_warmup_steps", lambda v: v >= 0, ">= 0"),
     ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -174,9 +166,7 @@ _RANGES = (
     ("proj_coeff", lambda v: v >= 0, ">= 0"),
     ("stablevm_split", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("sample_cfg_scale", lambda v: v >= 0, ">= 0 (1 = no guidance)"),
-    ("sample_num_steps", lambda v: v >= 1, ">= 1"),
     ("checkpoints_total_limit", lambda v: v >= 0, ">= 0 (0 keeps all)"),
-    ("max_consecutive_skips", lambda v: v >= 1, ">= 1"),
 )
 
 
@@ -339,14 +329,17 @@ def memory_mb(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# The objective: turn a batch from the loader into the loss terms (SI or StableVM, + REPA).
+# The objective: turn a batch from the loader into the loss terms (SI, StableVM or MeanFlow, with
+# the dispersive and REPA terms).
 
 class Objective:
     """Makes the training batch of the configured objective and returns its named loss terms.
 
     SI: noise the loader's latents (:func:`losses.objective.si_batch`). StableVM: push them into
-    the memory bank and draw the batch from it (:func:`losses.build_stablevm_batch`). With REPA
-    the frozen encoders' features of the batch's images are the alignment targets.
+    the memory bank and draw the batch from it (:func:`losses.build_stablevm_batch`). MeanFlow:
+    draw (t, r) and noise (:func:`losses.meanflow_batch`); the target is a JVP through the plain
+    module. With REPA the frozen encoders' features of the batch's images are the alignment
+    targets.
     """
 
     def __init__(self, cfg: TrainingConfig, loader: ShardLoader, depth: int, device: torch.device,
@@ -358,9 +351,10 @@ class Objective:
         self.raw_forward = raw_model.forward
         self.mf = None
         if cfg.loss_type == "meanflow":
-            self.mf = MeanFlowLoss(cfg.adaptive_p, cfg.adaptive_c, cfg.time_mu, cfg.time_sigma,
-                                   1.0 - cfg.ratio_r_not_equal_t, cfg.cfg_omega, cfg.cfg_kappa,
-                                   cfg.cfg_min_t, cfg.cfg_max_t)
+            self.mf = MeanFlowLoss(
+                p=cfg.adaptive_p, c=cfg.adaptive_c, time_mu=cfg.time_mu, time_sigma=cfg.time_sigma,
+                equal_fraction=1.0 - cfg.ratio_r_not_equal_t, cfg_w=cfg.cfg_omega,
+                cfg_kappa=cfg.cfg_kappa, cfg_t_lo=cfg.cfg_min_t, cfg_t_hi=cfg.cfg_max_t)
         try:
             self.disp: DispersiveLoss | None = dispersive_from_config(cfg, depth)
             if self.disp is not None:
@@ -682,19 +676,24 @@ def summary(run: Run) -> str:
 
 CHECKSUMS = "checksums.json"  # written last: a checkpoint without it is not complete
 
-# Settings a resume may change freely (bookkeeping, not the run's maths); config.json still
-# records the change. Everything else changes the objective, data or optimizer: refused unless
-# --allow-config-change, and FIXED_KEYS never (the checkpoint's state depends on them).
+# What a resume may change. FIXED_KEYS fix the model, the data stream or the random streams (the
+# checkpoint's state depends on them): never. FREE_KEYS are bookkeeping, not the run's maths:
+# freely (config.json still records the change). Everything else changes the objective, data or
+# optimizer: refused unless --allow-config-change.
+FIXED_KEYS = frozenset({
+    "model", "depth", "hidden_size", "num_heads", "qk_norm", "num_classes", "path_type",
+    "loss_type", "bank_capacity_per_class", "enc_type", "use_proj_loss", "projector_type",
+    "projector_dim", "projector_kernel_size", "encoder_depth", "use_irepa", "batch_size",
+    "gradient_accumulation_steps", "seed", "hflip", "latent_norm", "mixed_precision",
+    "resolution"})
 FREE_KEYS = frozenset({
     "output_dir", "exp_name", "resume", "resume_step", "ckpt", "dry_run", "max_train_steps",
     "epochs", "checkpointing_steps", "checkpoints_total_limit", "log_every", "report_to",
     "logging_dir", "wandb", "sampling_steps", "sample_num_steps", "sample_cfg_scale",
-    "eval_every", "eval_samples", "eval_num_steps", "eval_cfg_scale", "eval_reference",
-    "inception",
-    "num_sample_images", "vae", "peak_tflops", "num_workers", "compile", "verify_shards",
-    "encoder_weights_dir", "allow_config_change", "max_consecutive_skips", "fused_attn",
-    "legacy", "allow_tf32"})
-FIXED_KEYS = RESUME_KEYS + ("resolution",)
+    "num_sample_images", "eval_every", "eval_samples", "eval_num_steps", "eval_cfg_scale",
+    "eval_reference", "inception", "vae", "peak_tflops", "num_workers", "compile",
+    "verify_shards", "encoder_weights_dir", "allow_config_change", "max_consecutive_skips",
+    "fused_attn", "legacy", "allow_tf32"})
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -735,21 +734,20 @@ def resume_candidates(spec: str | None, resume_step: int, ckpt_dir: Path) -> lis
 
 def checkpoint_problem(path: Path, world: int) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed by ``world`` processes (None: intact)."""
-    from common import sha256_file
     try:
         record = json.loads((path / CHECKSUMS).read_text())
         files = record["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{CHECKSUMS} is unreadable ({e})"
+    if record.get("world_size") != world:  # each process resumes its own data position and bank
+        raise UsageError(f"{path} was written by {record.get('world_size')} process(es); resume "
+                         f"it with the same number (now {world})")
     for name, digest in sorted(files.items()):
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
         if sha256_file(f) != digest:
             return f"{name} does not match its checksum"
-    if record.get("world_size") != world:  # each process resumes its own data position and bank
-        raise UsageError(f"{path} was written by {record.get('world_size')} process(es); resume "
-                         f"it with the same number (now {world})")
     return None
 
 
@@ -918,7 +916,6 @@ class Checkpointer:
         run.accelerator.wait_for_everyone()
 
     def _write_checksums(self, tmp: Path, step: int) -> None:
-        from common import sha256_file
         files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*"))
                  if f.is_file()}
         record = {"step": step, "world_size": self.run.world, "files": files}
@@ -964,10 +961,11 @@ class MetricsLog:
         self.steps = 0
         self.t0 = time.perf_counter()
 
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
+    def add(self, terms: dict[str, torch.Tensor], nonfinite: torch.Tensor) -> None:
+        """``nonfinite``: the step's flag from :meth:`DivergenceGuard.update` (fp16 skips it)."""
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0) + v
-        self.skipped += (~torch.isfinite(terms["grad_norm"])).float()
+        self.skipped += nonfinite
         self.steps += 1
 
     def write(self, step: int, lr: float) -> dict:
@@ -1019,8 +1017,9 @@ class DivergenceGuard:
         self.streak = torch.zeros((), dtype=torch.long, device=dev)  # fp16 skips in a row, now
         self.longest = torch.zeros((), dtype=torch.long, device=dev)
 
-    def update(self, terms: dict[str, torch.Tensor]) -> None:
-        """After each optimizer step: a few scalar kernels, no sync."""
+    def update(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """After each optimizer step: a few scalar kernels, no sync. Returns the step's
+        non-finite flag (0-d, 0 or 1)."""
         self.step += 1
         bad = ~(torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"]))
         if self.run.scaler.is_enabled():
@@ -1028,6 +1027,7 @@ class DivergenceGuard:
             self.longest = torch.maximum(self.longest, self.streak)
         else:
             self.first_bad = torch.where((self.first_bad < 0) & bad, self.step, self.first_bad)
+        return bad.float()
 
     def check(self, step: int, weights: bool = False) -> None:
         """Raise :class:`Diverged` on every process if any process saw a non-finite step (or,
@@ -1231,24 +1231,26 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         terms = train_step(run, data, step)
-        metrics.add(terms)
-        guard.update(terms)
+        metrics.add(terms, guard.update(terms))
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+        last = step == cfg.max_train_steps
+        log_now = step % cfg.log_every == 0 or last
+        grid_now = cfg.sampling_steps > 0 and step % cfg.sampling_steps == 0
+        eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0
+        save_now = step % cfg.checkpointing_steps == 0 or last
+        if log_now:
             metrics.write(step, lr)  # the line is written (nulls for NaN) before a stop
-            guard.check(step)
-        if cfg.sampling_steps > 0 and step % cfg.sampling_steps == 0:
-            guard.check(step)
+        if log_now or grid_now or eval_now or save_now:  # points that sync anyway
+            guard.check(step, weights=save_now)
+        if grid_now:
             grid(step)
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            guard.check(step)
+        if eval_now:
             evaluation(step)
             run.accelerator.wait_for_everyone()
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            guard.check(step, weights=True)
+        if save_now:
             checkpoints.save(step)
-        if step % cfg.checkpointing_steps == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
+        if save_now or eval_now:
             metrics.t0 = time.perf_counter()  # checkpoints and evaluations are not training
 
     bar.close()

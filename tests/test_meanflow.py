@@ -491,8 +491,8 @@ def test_ddp_two_processes_give_the_one_process_gradient(tmp_path):
         for rank, p in enumerate(procs):
             out = p.communicate(timeout=120)[0]
             assert p.returncode == 0, f"world {world} rank {rank} failed:\n{out}"
-    one = torch.load(tmp_path / "w1" / "grads-1.pt")
-    two = torch.load(tmp_path / "w2" / "grads-2.pt")
+    one = torch.load(tmp_path / "w1" / "grads-1.pt", weights_only=True)
+    two = torch.load(tmp_path / "w2" / "grads-2.pt", weights_only=True)
     assert one.keys() == two.keys() and "h_embedder.mlp.2.weight" in one
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
