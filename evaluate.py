@@ -744,13 +744,9 @@ def digits_accuracy(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> di
 
 def run_digits_accuracy(args: argparse.Namespace) -> int:
     """``evaluate.py digits-accuracy SAMPLES``: class accuracy of generated digits."""
-    if not zipfile.is_zipfile(args.samples):  # np.load would suggest allow_pickle for any file
-        raise ValueError(f"{args.samples} is not an .npz archive: pass the samples.npz that "
-                         f"generate.py writes (arr_0 images, arr_1 labels)")
-    with np.load(args.samples, allow_pickle=False) as z:
-        if "arr_1" not in z:
-            raise ValueError(f"{args.samples} has no labels (arr_1); sample with generate.py")
-        images, labels = z["arr_0"], z["arr_1"]
+    images, labels = _read_labelled_npz(args.samples)
+    if labels is None:
+        raise ValueError(f"{args.samples} has no labels (arr_1); sample with generate.py")
     res = digits_accuracy(images, labels)
     print(f"generated digits recognised as their class: {100 * res['accuracy']:.1f}% of "
           f"{res['num_images']} (classifier on held-out real digits: "

@@ -70,7 +70,8 @@ import numpy as np
 if __package__ in (None, ""):  # `python generate.py` from elsewhere: the repository's modules
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import UsageError, atomic_write_bytes, atomic_write_json, sha256_file  # noqa: E402
+from common import (UsageError, atomic_write_bytes, atomic_write_json,  # noqa: E402
+                    safetensors_checksum_problem, sha256_file)
 
 PART_RE = re.compile(r"^(\d+)-(\d+)\.npz$")
 LABEL_STREAMS = {"random": 2, "equal": 3}
@@ -224,12 +225,10 @@ def build_model(run: dict, device):
     from models.sit import (SiT, convert_sit_state_dict, load_checkpoint, projector_kwargs,
                             read_checkpoint)
 
-    from common import safetensors_checksum_problem
     kwargs = dict(run["model_kwargs"])
-    problem = None
-    if Path(run["weights"]).suffix == ".safetensors":  # train.py's exports carry a sha256
-        problem = safetensors_checksum_problem(run["weights"])
-    if problem:
+    weights = Path(run["weights"])
+    problem = weights.suffix == ".safetensors" and safetensors_checksum_problem(weights)
+    if problem:  # train.py's exports carry a sha256 of their tensor data
         raise UsageError(f"{problem}; sample from a checkpoint's ema.safetensors instead, or "
                          f"resume the run to write a fresh export")
     try:
