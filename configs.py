@@ -100,6 +100,15 @@ class TrainingConfig:
                           "numbers such as 7 or 4,8", group="dispersive")
     disp_gather: bool = _f(False, "use the other processes' rows as negatives too",
                            group="dispersive")
+    contrastive: str = _f("none", "the paper's contrastive baseline instead of --disp: two "
+                          "noisy views per image, this form, with the --disp-lambda/-tau/-blocks "
+                          "settings", choices=("none", "infonce_l2", "infonce_cosine", "hinge",
+                                               "covariance"), group="dispersive")
+    contrastive_noise: str = _f("independent", "noise of the two views: independent (own t and "
+                                "eps) or restricted (|t1 - t2| <= --contrastive-delta, own eps)",
+                                choices=("independent", "restricted"), group="dispersive")
+    contrastive_delta: float = _f(0.0, "restricted noise: largest |t1 - t2| (0: the same t)",
+                                  group="dispersive")
     # -- representation alignment (REPA / VA-REPA / iREPA) --------------------------------------
     use_proj_loss: bool = _f(False, "add the REPA alignment loss (also on when --enc-type is "
                              "given with --proj-coeff > 0, as REPA)", group="repa")

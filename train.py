@@ -49,10 +49,10 @@ from common import (UsageError, atomic_write_bytes, atomic_write_text, ema_decay
 from configs import TrainingConfig, parse_config
 from losses import (DispersiveLoss, MemoryBank, MeanFlowLoss, build_stablevm_batch,
                     meanflow_batch, meanflow_losses, sample_time)
-from losses.objective import AlignmentTerm, si_batch, training_losses
+from losses.objective import AlignmentTerm, training_losses
 from preprocessing.shards import (ShardDataset, ShardFormatError, ShardLoader, hash_problems,
                                   read_manifest)
-from training import dispersive_from_config, step_generator
+from training import dispersive_from_config, noisy_batch, step_generator
 
 CKPT_RE = re.compile(r"^step-(\d{7,})$")
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` / its config
@@ -138,6 +138,8 @@ def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> Trai
         cfg.resume = cfg.ckpt  # SiT/DispLoss: --ckpt names what to continue from
     if cfg.loss_type == "meanflow":
         check_meanflow(cfg, given)
+    if cfg.contrastive != "none":
+        check_contrastive(cfg)
     if cfg.use_proj_loss:
         depth = cfg.depth or get_model_config(cfg.model)["depth"]
         if not 1 <= cfg.encoder_depth <= depth:
@@ -199,6 +201,22 @@ def check_meanflow(cfg: TrainingConfig, given: set[str]) -> None:
     if not 0 <= cfg.cfg_kappa < 1 or not 0 <= cfg.cfg_min_t <= cfg.cfg_max_t <= 1:
         raise UsageError(f"need 0 <= --cfg-kappa < 1 and 0 <= --cfg-min-t <= --cfg-max-t <= 1, got "
                          f"kappa {cfg.cfg_kappa}, [{cfg.cfg_min_t}, {cfg.cfg_max_t}]")
+
+
+def check_contrastive(cfg: TrainingConfig) -> None:
+    """What the contrastive baseline cannot be combined with, said before anything starts."""
+    if cfg.disp:
+        raise UsageError(f"--contrastive {cfg.contrastive} replaces --disp (its negative term is "
+                         "the dispersive form); give one of them")
+    if cfg.loss_type != "si":
+        raise UsageError(f"--contrastive needs --loss-type si (got {cfg.loss_type}): its two "
+                         "views are two noisings of the loader's images")
+    if not 0 <= cfg.contrastive_delta <= 1:
+        raise UsageError(f"--contrastive-delta must be in [0, 1], got {cfg.contrastive_delta}")
+    if cfg.contrastive_noise == "independent" and cfg.contrastive_delta:
+        raise UsageError("--contrastive-delta only applies to --contrastive-noise restricted")
+    if cfg.disp_gather:
+        raise UsageError("--disp-gather is not supported with --contrastive (local negatives)")
 
 
 def read_data_manifest(cfg: TrainingConfig) -> dict:
@@ -335,7 +353,8 @@ def memory_mb(device: torch.device) -> float:
 class Objective:
     """Makes the training batch of the configured objective and returns its named loss terms.
 
-    SI: noise the loader's latents (:func:`losses.objective.si_batch`). StableVM: push them into
+    SI: noise the loader's latents (:func:`training.noisy_batch`: one view, or two for the
+    contrastive baseline). StableVM: push them into
     the memory bank and draw the batch from it (:func:`losses.build_stablevm_batch`). MeanFlow:
     draw (t, r) and noise (:func:`losses.meanflow_batch`); the target is a JVP through the plain
     module. With REPA the frozen encoders' features of the batch's images are the alignment
@@ -360,7 +379,8 @@ class Objective:
             if self.disp is not None:
                 self.disp.feature_blocks(depth)
         except ValueError as e:
-            raise UsageError(f"--disp: {e}") from None
+            flag = "--contrastive" if cfg.contrastive != "none" else "--disp"
+            raise UsageError(f"{flag}: {e}") from None
         self.align = None
         if encoders:
             self.align = AlignmentTerm(cfg.proj_coeff, cfg.proj_weight_schedule, cfg.proj_tau,
@@ -381,9 +401,9 @@ class Objective:
             b = meanflow_batch(x, y, num_classes=cfg.num_classes, cfg_prob=cfg.cfg_prob,
                                mf=self.mf, path_type=cfg.path_type, generator=g)
         elif self.bank is None:
-            b = si_batch(x, y, num_classes=cfg.num_classes, cfg_prob=cfg.cfg_prob,
-                         path_type=cfg.path_type, time_sampler=cfg.weighting,
-                         time_shift=cfg.time_shift, generator=g)
+            b = noisy_batch(cfg, x, y, cfg.num_classes, g)
+            if images is not None and cfg.contrastive != "none":
+                images = torch.cat([images, images])  # both views align to the same image
         else:
             code = raw["position"] * 2 + raw["flip"].long()  # to re-read the pixels later
             self.bank.push(x, y, code)
@@ -653,6 +673,8 @@ def summary(run: Run) -> str:
     """The few lines a run prints at start (config.json has the rest)."""
     cfg, ds = run.cfg, run.dataset
     terms = [cfg.loss_type] + (["disp"] if cfg.disp else []) + (
+        [f"contrastive {cfg.contrastive} ({cfg.contrastive_noise} noise)"]
+        if cfg.contrastive != "none" else []) + (
         ["irepa" if cfg.use_irepa else "repa"] if cfg.use_proj_loss else [])
     source = " (from accelerate launch)" if launcher_precision() else ""
     arch = ", ".join(f"{k} {v}" for k, v in run.model_kwargs.items() if k != "qk_norm")
@@ -936,9 +958,10 @@ class Checkpointer:
 def forwards_per_image(cfg: TrainingConfig) -> float:
     """Forward-pass equivalents of one training image, for MFU (2 FLOP per MAC on top): forward +
     backward = 3; MeanFlow adds its JVP (primal + tangent = 2) and, with guidance, 2 more forwards
-    (the unconditional and conditional u at r = t)."""
+    (the unconditional and conditional u at r = t). The contrastive baseline runs two views of
+    every image (6)."""
     if cfg.loss_type != "meanflow":
-        return 3.0
+        return 6.0 if cfg.contrastive != "none" else 3.0
     guided = cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0
     return 3.0 + 2.0 + (2.0 if guided else 0.0)
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from configs import TrainingConfig, resolve_dispersive_blocks
+from losses.contrastive import ContrastiveLoss, contrastive_batch
 from losses.dispersive import DispersiveLoss
 from losses.objective import si_batch, training_losses
 from common import mix_seed
@@ -30,12 +31,28 @@ def step_generator(seed: int, rank: int, step: int, micro: int,
 
 
 def dispersive_from_config(cfg: TrainingConfig, depth: int) -> DispersiveLoss | None:
-    """The :class:`DispersiveLoss` a config asks for (None without ``disp``)."""
+    """The :class:`DispersiveLoss` a config asks for: a :class:`ContrastiveLoss` with
+    ``contrastive`` set (same lambda / tau / blocks), None without either."""
+    if cfg.contrastive != "none":
+        return ContrastiveLoss(cfg.disp_lambda, cfg.disp_tau, cfg.contrastive,
+                               resolve_dispersive_blocks(cfg.disp_blocks, depth))
     if not cfg.disp:
         return None
     return DispersiveLoss(cfg.disp_lambda, cfg.disp_tau, cfg.disp_variant,
                           resolve_dispersive_blocks(cfg.disp_blocks, depth),
                           gather=cfg.disp_gather)
+
+
+def noisy_batch(cfg: TrainingConfig, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The interpolant batch of clean ``x``: one noisy view per image, or two (2B rows) for the
+    contrastive baseline (:func:`losses.contrastive.contrastive_batch`)."""
+    common = dict(num_classes=num_classes, cfg_prob=cfg.cfg_prob, path_type=cfg.path_type,
+                  time_sampler=cfg.weighting, time_shift=cfg.time_shift, generator=generator)
+    if cfg.contrastive != "none":
+        return contrastive_batch(x, y, noise=cfg.contrastive_noise, delta=cfg.contrastive_delta,
+                                 **common)
+    return si_batch(x, y, **common)
 
 
 def _as_config(train_config: TrainingConfig | dict | Any) -> TrainingConfig:
@@ -88,9 +105,7 @@ def train_with_dispersive_loss(model: nn.Module, dataloader: Iterable, optimizer
         x = x.to(device)
         if to_latents is not None:
             x = to_latents(x, g)
-        b = si_batch(x.float(), y.to(device), num_classes=num_classes, cfg_prob=cfg.cfg_prob,
-                     path_type=cfg.path_type, time_sampler=cfg.weighting,
-                     time_shift=cfg.time_shift, generator=g)
+        b = noisy_batch(cfg, x.float(), y.to(device), num_classes, g)
         terms = training_losses(model, b, depth=depth, path_type=cfg.path_type, disp=disp)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()

@@ -2,12 +2,14 @@
 
 - :mod:`losses.interpolant`: paths (linear, cosine), training-time samplers, the SI loss.
 - :mod:`losses.dispersive`: the dispersive regulariser (Wang & He 2025) and its module wrapper.
+- :mod:`losses.contrastive`: that paper's contrastive baselines (two noisy views per image).
 - :mod:`losses.stablevm`: the StableVM memory bank, the stable target and batch construction.
 - :mod:`losses.alignment`: REPA alignment, VA-REPA time weights, iREPA spatial normalisation.
 - :mod:`losses.meanflow`: MeanFlow (average-velocity) times, JVP target, guidance and loss.
 """
 from .alignment import (ALIGN_MODES, VA_SCHEDULES, align_tokens, alignment_loss,
                         spatial_normalize, va_weights)
+from .contrastive import ContrastiveLoss, contrastive_batch, contrastive_loss
 from .dispersive import VARIANTS as DISPERSIVE_VARIANTS
 from .dispersive import DispersiveLoss, dispersive_loss, gather_negatives
 from .interpolant import (PATH_TYPES, TIME_SAMPLERS, expand_t_like, interpolate,
@@ -17,7 +19,7 @@ from .meanflow import (MeanFlowLoss, average_velocity_jvp, guided_velocity, mean
 from .stablevm import (MemoryBank, build_stablevm_batch, stable_target, stable_target_efficient,
                        strict_fp32)
 
-__all__ = ["DISPERSIVE_VARIANTS", "DispersiveLoss", "dispersive_loss", "gather_negatives",
+__all__ = ["ContrastiveLoss", "contrastive_batch", "contrastive_loss", "DISPERSIVE_VARIANTS", "DispersiveLoss", "dispersive_loss", "gather_negatives",
            "PATH_TYPES", "TIME_SAMPLERS", "expand_t_like", "interpolate", "path_coefficients",
            "sample_time", "si_loss", "ALIGN_MODES", "VA_SCHEDULES", "align_tokens",
            "alignment_loss", "spatial_normalize", "va_weights",

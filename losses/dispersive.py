@@ -217,6 +217,16 @@ class DispersiveLoss(nn.Module):
         With ``depth`` the blocks are resolved by :meth:`feature_blocks`; without it 'last' is
         the highest block present and 'all' every block present.
         """
+        per_block = {}
+        for k in self._chosen(features, depth):
+            z = features[k]
+            neg = gather_negatives(z) if self.gather else None
+            per_block[k] = dispersive_loss(z, self.variant, self.tau, self.hinge_margin, neg)
+        disp = torch.stack(list(per_block.values())).mean()
+        return {"loss": self.lambda_disp * disp, "disp": disp, "per_block": per_block}
+
+    def _chosen(self, features: dict[int, torch.Tensor], depth: int | None) -> list[int]:
+        """The block numbers to read, checked against the ``features`` present."""
         if not features:
             raise ValueError("no features given; call the model with "
                              "return_features=loss.feature_blocks(model.depth)")
@@ -232,13 +242,7 @@ class DispersiveLoss(nn.Module):
         if missing:
             raise ValueError(f"features of blocks {missing} missing (got {sorted(features)}); "
                              "request them with return_features=loss.feature_blocks(model.depth)")
-        per_block = {}
-        for k in chosen:
-            z = features[k]
-            neg = gather_negatives(z) if self.gather else None
-            per_block[k] = dispersive_loss(z, self.variant, self.tau, self.hinge_margin, neg)
-        disp = torch.stack(list(per_block.values())).mean()
-        return {"loss": self.lambda_disp * disp, "disp": disp, "per_block": per_block}
+        return chosen
 
     def extra_repr(self) -> str:
         return (f"lambda_disp={self.lambda_disp}, tau={self.tau}, variant={self.variant!r}, "

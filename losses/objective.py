@@ -70,12 +70,16 @@ def forward_with_features(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, 
 
 def add_dispersive(terms: dict[str, torch.Tensor], total: torch.Tensor,
                    disp: DispersiveLoss | None, aux: dict | None, depth: int) -> torch.Tensor:
-    """Record the unweighted dispersive term in ``terms['disp']`` and return ``total`` plus its
-    weighted value (``total`` unchanged when ``disp`` is None)."""
+    """Record the unweighted dispersive term in ``terms['disp']`` (for a
+    :class:`~losses.contrastive.ContrastiveLoss` its negative part, and the positive part in
+    ``terms['contrast_pos']``) and return ``total`` plus the weighted regulariser (``total``
+    unchanged when ``disp`` is None)."""
     if disp is None:
         return total
     d = disp(aux["features"], depth)
     terms["disp"] = d["disp"]
+    if "pos" in d:  # a contrastive term: its positive part beside the negative one
+        terms["contrast_pos"] = d["pos"]
     return total + d["loss"]
 
 
