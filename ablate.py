@@ -1,0 +1,466 @@
+"""Sweep runner: one command trains, samples and evaluates every cell of an ablation over seeds,
+then writes results.csv, a markdown table (mean +- std over seeds, delta vs the baseline cell) and
+a plot.
+
+    python ablate.py --out runs/ablate --base "--preset digits --data-dir data/digits" \\
+        --grid disp_lambda=0.1,0.5 disp_tau=0.5,1 --fixed disp=true --seeds 0 1 2 --jobs 2
+
+Cells: ``baseline`` (the base command alone; ``--no-baseline`` drops it), then every combination
+of ``--grid`` (``key=v1,v2``: train.py's flag ``--key`` with each value; ``true``/``false`` for
+on/off switches) with the ``--fixed`` settings, then each ``--cell NAME=FLAGS`` as given. Every
+cell runs with every seed (``--seed k``) and is sampled at every ``--cfg-scales`` value with the
+same noise and labels (generate.py ``--global-seed 0``).
+
+Resumable: each (cell, seed) directory records what finished (train.done, samples per scale,
+metrics per scale); a rerun skips finished steps and resumes a killed training from its last
+checkpoint (``--resume latest``, exact), so a killed sweep rerun gives the same results.csv.
+``--print-commands`` prints one shell line per (cell, seed) instead, for a cluster scheduler; a
+later local run with the same arguments only collects the results. docs/ABLATIONS.md shows it in use.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import UsageError, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+REPO = Path(__file__).resolve().parent
+# (json key, column name, digits shown): the digits metric (docs/CONVENTIONS.md §12) ...
+DIGITS_COLUMNS = (("fd_ratio", "FD/floor", 2), ("fd", "FD", 2), ("fd_floor", "floor", 2),
+                  ("precision", "precision", 3), ("recall", "recall", 3),
+                  ("class_accuracy", "accuracy", 3), ("diversity", "diversity", 3),
+                  ("copies", "copies", 3))
+# ... and the ADM suite (evaluate.py metrics) when --eval-reference is given
+ADM_COLUMNS = (("fid", "FID", 2), ("sfid", "sFID", 2), ("inception_score", "IS", 1),
+               ("precision", "precision", 3), ("recall", "recall", 3))
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    cell: Cell
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.cell.name} seed {self.seed}"
+
+
+def _switch(key: str, value: str) -> list[str]:
+    flag = "--" + key.replace("_", "-")
+    low = value.lower()
+    if low in ("true", "on", "yes"):
+        return [flag]
+    if low in ("false", "off", "no"):
+        return ["--no-" + flag[2:]]
+    return [flag, value]
+
+
+def parse_settings(items: list[str], what: str) -> list[tuple[str, list[str]]]:
+    """``["a=1,2", "b=x"]`` -> ``[("a", ["1", "2"]), ("b", ["x"])]`` with clear errors."""
+    out = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not vals:
+            raise UsageError(f"{what} {item!r}: expected KEY=VALUE[,VALUE...] (e.g. "
+                             "disp_lambda=0.1,0.25)")
+        if key in dict(out):
+            raise UsageError(f"{what}: {key} given twice")
+        out.append((key, vals))
+    return out
+
+
+def build_cells(grid: list[str], fixed: list[str], cells: list[str], baseline: bool
+                ) -> list[Cell]:
+    """The study's cells in order: baseline, the grid's combinations, the explicit cells."""
+    out = [Cell("baseline", ())] if baseline else []
+    axes = parse_settings(grid, "--grid")
+    fixed_flags = [f for k, vs in parse_settings(fixed, "--fixed") for v in vs
+                   for f in _switch(k, v)]
+    if axes:
+        keys = [k for k, _ in axes]
+        for combo in itertools.product(*(vs for _, vs in axes)):
+            name = ",".join(f"{k}={v}" for k, v in zip(keys, combo))
+            flags = fixed_flags + [f for k, v in zip(keys, combo) for f in _switch(k, v)]
+            out.append(Cell(name, tuple(flags)))
+    elif fixed_flags:
+        raise UsageError("--fixed needs --grid (for a single extra setting use --cell)")
+    for item in cells:
+        name, sep, flags = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--cell {item!r}: expected NAME=FLAGS, e.g. "
+                             "'disp=--disp --disp-lambda 0.5'")
+        out.append(Cell(name.strip(), tuple(shlex.split(flags))))
+    names = [c.name for c in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UsageError(f"cell name(s) {dup} used twice")
+    if not out:
+        raise UsageError("no cells: give --grid or --cell (or keep the baseline)")
+    return out
+
+
+def cell_dir(out: Path, job: Job) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", job.cell.name)
+    return out / "runs" / safe / f"seed{job.seed}"
+
+
+def _scale_tag(scale: float) -> str:
+    return f"cfg{scale:g}"
+
+
+class Study:
+    """The arguments that define a study; what a rerun of the same output directory must keep."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.out = Path(args.out)
+        self.base = shlex.split(args.base)
+        self.generate = shlex.split(args.generate)
+        self.cfg_scales = list(dict.fromkeys(args.cfg_scales))
+        self.num_samples = args.num_samples
+        self.eval_reference = args.eval_reference
+        self.eval_args = shlex.split(args.eval_args)
+        self.cells = build_cells(args.grid, args.fixed, args.cell, not args.no_baseline)
+        self.seeds = list(dict.fromkeys(args.seeds))
+        self.jobs = [Job(c, s) for c in self.cells for s in self.seeds]
+        self.columns = ADM_COLUMNS if self.eval_reference else DIGITS_COLUMNS
+        for bad in ("--seed", "--output-dir", "--exp-name", "--resume"):
+            if bad in self.base or any(bad in c.flags for c in self.cells):
+                raise UsageError(f"{bad} is set by the runner per cell; drop it from --base/--cell")
+        if any(s < 0 for s in self.cfg_scales):
+            raise UsageError("--cfg-scales must be >= 0 (1 = no guidance)")
+
+    def spec(self) -> dict:
+        """What fixes the numbers of every (cell, seed): changing it needs a new --out."""
+        return {"base": self.base, "generate": self.generate, "num_samples": self.num_samples,
+                "eval_reference": self.eval_reference, "eval_args": self.eval_args}
+
+    def check_spec(self) -> None:
+        path = self.out / "study.json"
+        if path.is_file():
+            old = json.loads(path.read_text()).get("spec")
+            if old != self.spec():
+                diff = {k: (old.get(k), v) for k, v in self.spec().items() if old.get(k) != v}
+                raise UsageError(f"{self.out} holds a study with other settings {diff}; keep them "
+                                 "or choose another --out (cells and seeds may be added)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"spec": self.spec(), "command": shlex.join(sys.argv)})
+
+    # -- the commands of one (cell, seed) -------------------------------------------------------
+    def commands(self, job: Job) -> list[tuple[str, list[str], Path]]:
+        """``(what, argv, file it produces)`` in order; a step whose file exists is done."""
+        d = cell_dir(self.out, job)
+        py = sys.executable
+        steps = [("train", [py, str(REPO / "train.py"), *self.base, *job.cell.flags,
+                            "--seed", str(job.seed), "--output-dir", str(d.parent),
+                            "--exp-name", d.name, "--resume", "latest"], d / "train.done")]
+        for s in self.cfg_scales:
+            tag = _scale_tag(s)
+            sdir = d / f"samples-{tag}"
+            steps.append((f"sample {tag}", [
+                py, str(REPO / "generate.py"), "--ckpt", str(d), "--mode", "ode",
+                "--num-steps", "50", "--per-proc-batch-size", "100", "--label-sampling", "equal",
+                *self.generate, "--cfg-scale", f"{s:g}", "--num-fid-samples",
+                str(self.num_samples), "--sample-dir", str(sdir)], sdir / "samples.npz"))
+            metrics = d / f"metrics-{tag}.json"
+            if self.eval_reference:
+                ev = [py, str(REPO / "evaluate.py"), "metrics", str(sdir / "samples.npz"),
+                      self.eval_reference, *self.eval_args, "--json", str(metrics)]
+            else:
+                ev = [py, str(REPO / "evaluate.py"), "digits", str(sdir / "samples.npz"),
+                      *self.eval_args, "--json", str(metrics)]
+            steps.append((f"evaluate {tag}", ev, metrics))
+        return steps
+
+    def shell_line(self, job: Job) -> str:
+        """One line a scheduler can run; each step is skipped when its output exists."""
+        parts = []
+        for what, argv, done in self.commands(job):
+            cmd = shlex.join(argv)
+            if what == "train":
+                cmd = f"{cmd} && touch {shlex.quote(str(done))}"
+            parts.append(f"{{ test -e {shlex.quote(str(done))} || {{ {cmd}; }}; }}")
+        return " && ".join(parts)
+
+
+def run_job(study: Study, job: Job, threads: int, stop: threading.Event) -> dict:
+    """Run the unfinished steps of ``job``; returns ``{'ok', 'job', 'error', 'seconds'}``."""
+    d = cell_dir(study.out, job)
+    d.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    timing_path = d / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    with open(d / "runner.log", "a") as log:
+        for what, argv, done in study.commands(job):
+            if done.exists():
+                continue
+            if stop.is_set():
+                return {"ok": False, "job": job, "error": "stopped"}
+            log.write(f"\n$ {shlex.join(argv)}\n")
+            log.flush()
+            t0 = time.perf_counter()
+            p = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            timing[what] = timing.get(what, 0.0) + time.perf_counter() - t0
+            atomic_write_json(timing_path, timing)
+            if p.returncode != 0:
+                return {"ok": False, "job": job,
+                        "error": f"{what} exited {p.returncode}; see {d / 'runner.log'}"}
+            if what == "train":
+                atomic_write_text(done, "done\n")
+    return {"ok": True, "job": job}
+
+
+# -- results -----------------------------------------------------------------------------------
+
+def collect(study: Study) -> list[dict]:
+    """One row per (cell, seed, guidance scale) with a finished evaluation, in study order."""
+    rows = []
+    for job in study.jobs:
+        d = cell_dir(study.out, job)
+        for s in study.cfg_scales:
+            path = d / f"metrics-{_scale_tag(s)}.json"
+            if not path.is_file():
+                continue
+            m = json.loads(path.read_text())
+            row = {"cell": job.cell.name, "seed": job.seed, "cfg_scale": s,
+                   "flags": shlex.join(job.cell.flags)}
+            row.update({k: m.get(k) for k, _, _ in study.columns})
+            rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict], study: Study) -> None:
+    buf = io.StringIO()
+    fields = ["cell", "seed", "cfg_scale", "flags"] + [k for k, _, _ in study.columns]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        # repr of the float: the exact number, so two runs compare byte for byte
+        w.writerow({k: ("" if r[k] is None else repr(r[k]) if isinstance(r[k], float) else r[k])
+                    for k in fields})
+    atomic_write_text(path, buf.getvalue())
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def summarise(rows: list[dict], study: Study) -> list[dict]:
+    """Per (cell, scale): seeds, mean and std of every metric, delta % of the headline metric
+    against the baseline cell at the same scale (the first cell when there is no baseline)."""
+    head = study.columns[0][0]
+    out = []
+    for s in study.cfg_scales:
+        ref = None
+        for cell in study.cells:
+            got = [r for r in rows if r["cell"] == cell.name and r["cfg_scale"] == s]
+            if not got:
+                continue
+            stats = {}
+            for k, _, _ in study.columns:
+                vals = [r[k] for r in got if r[k] is not None]
+                stats[k] = mean_std(vals) if vals else None
+            if ref is None:
+                ref = stats[head]
+            delta = (100.0 * (stats[head][0] / ref[0] - 1) if ref and stats[head] and ref[0]
+                     else None)
+            out.append({"cell": cell.name, "cfg_scale": s, "seeds": sorted(r["seed"] for r in got),
+                        "stats": stats, "delta": delta, "flags": shlex.join(cell.flags)})
+    return out
+
+
+def markdown(summary: list[dict], study: Study, command: str, timings: dict) -> str:
+    head_name = study.columns[0][1]
+    lines = [f"Reproduce: `{command}`", "",
+             f"Mean +- std over seeds; delta: change of the mean {head_name} against the first "
+             "cell at the same guidance scale (negative is better for FD and FID).", ""]
+    cols = [name for _, name, _ in study.columns]
+    lines.append("| cell | CFG | seeds | " + " | ".join(cols) + f" | delta {head_name} | train s |")
+    lines.append("|" + "---|" * (len(cols) + 5))
+    for r in summary:
+        cells = []
+        for k, _, digits in study.columns:
+            st = r["stats"][k]
+            cells.append("n/a" if st is None else f"{st[0]:.{digits}f} +- {st[1]:.{digits}f}")
+        delta = "" if r["delta"] is None else f"{r['delta']:+.0f}%"
+        secs = timings.get(r["cell"])
+        lines.append(f"| {r['cell']} | {r['cfg_scale']:g} | {len(r['seeds'])} | "
+                     + " | ".join(cells) + f" | {delta} | "
+                     + ("" if secs is None else f"{secs:.0f}") + " |")
+    lines += ["", "Cells:", ""]
+    lines += [f"- `{c.name}`: `{shlex.join(c.flags) or '(base command only)'}`"
+              for c in study.cells]
+    return "\n".join(lines) + "\n"
+
+
+def median_train_seconds(study: Study) -> dict[str, float]:
+    out = {}
+    for cell in study.cells:
+        secs = []
+        for s in study.seeds:
+            path = cell_dir(study.out, Job(cell, s)) / "timing.json"
+            if path.is_file():
+                t = json.loads(path.read_text()).get("train")
+                if t is not None:
+                    secs.append(t)
+        if secs:
+            out[cell.name] = sorted(secs)[len(secs) // 2]
+    return out
+
+
+def plot(path: Path, summary: list[dict], study: Study) -> None:
+    """Bar chart of the headline metric (mean +- std) per cell, one colour per guidance scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, name, _ = study.columns[0]
+    names = [c.name for c in study.cells]
+    width = 0.8 / max(1, len(study.cfg_scales))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(names) + 2), 4.2))
+    for i, s in enumerate(study.cfg_scales):
+        xs, ms, sd = [], [], []
+        for r in summary:
+            if r["cfg_scale"] == s and r["stats"][key] is not None:
+                xs.append(names.index(r["cell"]) + (i - (len(study.cfg_scales) - 1) / 2) * width)
+                ms.append(r["stats"][key][0])
+                sd.append(r["stats"][key][1])
+        ax.bar(xs, ms, width, yerr=sd, capsize=3, label=f"CFG {s:g}")
+    if key == "fd_ratio":
+        ax.axhline(1.0, color="k", lw=0.8, ls="--", label="real-data floor")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(f"{name} (mean +- std over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def report(study: Study) -> str:
+    """Write results.csv, results.md and results.png; return the markdown."""
+    rows = collect(study)
+    write_csv(study.out / "results.csv", rows, study)
+    summary = summarise(rows, study)
+    command = json.loads((study.out / "study.json").read_text())["command"]
+    md = markdown(summary, study, command, median_train_seconds(study))
+    atomic_write_text(study.out / "results.md", md)
+    if summary:
+        plot(study.out / "results.png", summary, study)
+    return md
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ablate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", required=True, help="study directory (results and every run)")
+    p.add_argument("--base", required=True, help="train.py arguments shared by every cell, "
+                   "quoted, e.g. \"--preset digits --data-dir data/digits\"")
+    p.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2",
+                   help="train.py settings to cross (flag name without --, - or _)")
+    p.add_argument("--fixed", nargs="*", default=[], metavar="KEY=V",
+                   help="settings added to every grid cell (not the baseline), e.g. disp=true")
+    p.add_argument("--cell", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an explicit cell, e.g. 'contrastive=--contrastive infonce_l2' "
+                        "(repeatable)")
+    p.add_argument("--no-baseline", action="store_true", help="no cell for the base command")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0],
+                   help="guidance scales each model is sampled at (1 = no guidance)")
+    p.add_argument("--num-samples", type=int, default=200, help="samples per (cell, seed, scale)")
+    p.add_argument("--generate", default="", help="extra generate.py arguments, quoted (default "
+                   "--mode ode --num-steps 50), e.g. \"--mode meanflow --num-steps 1\"")
+    p.add_argument("--eval-reference", default=None,
+                   help="ADM reference batch: evaluate with `evaluate.py metrics` (FID, sFID, IS, "
+                        "P/R) instead of the digits metric")
+    p.add_argument("--eval-args", default="", help="extra evaluate.py arguments, quoted "
+                   "(e.g. \"--inception PATH\")")
+    p.add_argument("--jobs", type=int, default=1, help="(cell, seed) runs at once; at most the "
+                   "number of cores, which are shared evenly between them")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print one shell line per unfinished (cell, seed) and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite results.csv / .md / .png from what has finished")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        study = Study(args)
+        cores = os.cpu_count() or 1
+        if not 1 <= args.jobs <= cores:
+            raise UsageError(f"--jobs must be in 1..{cores} (this machine's cores)")
+        if args.num_samples < 1:
+            raise UsageError("--num-samples must be >= 1")
+        study.check_spec()
+    except UsageError as e:
+        print(f"ablate.py: error: {e}", file=sys.stderr)
+        return 2
+    todo = [j for j in study.jobs
+            if not all(done.exists() for _, _, done in study.commands(j))]
+    if args.print_commands:
+        for job in todo:
+            print(study.shell_line(job))
+        return 0
+    failed = []
+    if todo and not args.report_only:
+        print(f"{len(study.cells)} cells x {len(study.seeds)} seeds: {len(todo)} of "
+              f"{len(study.jobs)} runs to do, {args.jobs} at a time ({study.out})", flush=True)
+        threads = max(1, cores // args.jobs)
+        stop = threading.Event()
+        from tqdm import tqdm
+        with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(todo), desc="runs") as bar:
+            futures = [pool.submit(run_job, study, j, threads, stop) for j in todo]
+            try:
+                for f in as_completed(futures):
+                    res = f.result()
+                    if not res["ok"]:
+                        failed.append(res)
+                        tqdm.write(f"failed: {res['job'].key}: {res['error']}")
+                    bar.update(1)
+            except KeyboardInterrupt:
+                stop.set()  # the running steps finish (or die with the process group)
+                raise
+    md = report(study)
+    print(md)
+    print(f"wrote {study.out / 'results.csv'}, results.md, results.png")
+    if failed:
+        print(f"{len(failed)} run(s) failed: " + "; ".join(f["job"].key for f in failed),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
