@@ -11,6 +11,8 @@ exact field) is measured exactly during training, with an EMA copy of the model.
 Training targets (``--exp``):
 
 - ``cfm``: the single-sample conditional target ``eps - x0`` (score: ``-eps / t``);
+- ``cfm_equal_data``: ``cfm`` with a batch of ``--ref-size`` instead of ``--batch-size``, so it
+  draws as many fresh data samples per step as the stable methods (the equal-data baseline);
 - ``stf``: Stable Target Field: a fresh reference batch R every step, every x_t of the batch
   perturbs the one fixed source R[0] (with its own t and eps), target averaged over R;
 - ``stable_vm``: a fresh reference set R every step, x_t drawn from the mixture path of R (a
@@ -20,6 +22,11 @@ Training targets (``--exp``):
 The stable targets come from :mod:`losses.stablevm` (``stable_target`` /
 ``stable_target_efficient``) through a thin adapter that shares one reference set across the batch.
 
+Budget: ``--steps`` optimizer steps, or with ``--time-budget SECONDS`` as many steps as fit into
+that many seconds of *training clock* (batch construction, forward, backward, Adam and EMA of each
+step; evaluations are not counted), for an equal-wall-clock comparison. Every run records its
+steps, its training-clock seconds and its evaluation seconds.
+
 Variance curves: the per-t variance of the CFM target around (a) the exact field of mixtures of
 several dimensions, (b) the exact field of the *empirical* distribution of N samples (a finite
 data set, the regime of image training), for real latents too (``--imagenet-data-path``), and
@@ -27,7 +34,9 @@ data set, the regime of image training), for real latents too (``--imagenet-data
 
 Outputs under ``--out``: ``runs/<exp>-<field>-seed<k>.{json,npz}`` per run, the mixture's
 parameters ``gmm_d<D>_k<K>_s<seed>.json``,
-``summary_<field>.{json,md}``, ``fisher_<field>.png``, ``fisher_vs_t_<field>.png``,
+``summary_<field>.{json,md}``, ``fisher_<field>.png``, ``fisher_vs_t_<field>.png``
+(with ``--time-budget B`` the run names carry ``-budget<B>s`` and the summary and plot names
+``_budget<B>s``, so they never overwrite fixed-step results),
 ``variance_<field>.{png,npz,json}`` and, for 2-D mixtures with ``--enable_visualization``,
 ``field_<exp>-<field>-seed<k>.gif``. Every file is written atomically.
 """
@@ -51,7 +60,7 @@ from torch import nn
 from losses.stablevm import stable_target, stable_target_efficient
 from common import atomic_write_bytes, atomic_write_json, ema_decay, ema_update
 
-EXPS = ("cfm", "stf", "stable_vm", "stable_vm_efficient")
+EXPS = ("cfm", "cfm_equal_data", "stf", "stable_vm", "stable_vm_efficient")
 FIELDS = ("velocity", "score")
 HEADLINE_TS = (0.2, 0.3, 0.4, 0.5)      # the Fisher-divergence average reported in the table
 EVAL_TS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -59,7 +68,8 @@ EVAL_TS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 # t = 0 (losses.stablevm refuses it) and for t this small every other reference is exp(-1/t^2)
 # less likely than the source, so the two targets agree anyway.
 T_FLOOR = 1e-4
-METHOD_STYLE = {"cfm": ("tab:blue", "-"), "stf": ("tab:orange", "-"),
+METHOD_STYLE = {"cfm": ("tab:blue", "-"), "cfm_equal_data": ("tab:purple", "-"),
+                "stf": ("tab:orange", "-"),
                 "stable_vm": ("tab:green", "-"), "stable_vm_efficient": ("tab:red", "--")}
 
 
@@ -232,13 +242,29 @@ def stable_velocity(x_t: torch.Tensor, t: torch.Tensor, refs: torch.Tensor,
     return stable_target(x_t, t, bank, None, "linear", split, cfm_target)
 
 
+def train_batch_size(exp: str, batch_size: int, ref_size: int) -> int:
+    """Number of x_t (loss terms) in one step: ``ref_size`` for ``cfm_equal_data``, else
+    ``batch_size``."""
+    return ref_size if exp == "cfm_equal_data" else batch_size
+
+
+def data_per_step(exp: str, batch_size: int, ref_size: int) -> int:
+    """Fresh data samples drawn from the mixture per step: the batch for the CFM methods, the
+    reference set for the others (their x_t are perturbed members of it)."""
+    return batch_size if exp == "cfm" else ref_size
+
+
 def make_batch(exp: str, gmm: GMM, batch_size: int, ref_size: int, field: str,
                generator: torch.Generator, split: float = 0.0,
                chunk_size: int | None = None) -> dict[str, torch.Tensor]:
     """One training batch ``{x_t, t, target, x0}``; ``target`` is in network units (the velocity,
     or ``t * score`` for the score field, see :class:`TimeMLP`). Random numbers come from
-    ``generator`` in a fixed order (references or data, sources, t, eps)."""
-    if exp == "cfm":
+    ``generator`` in a fixed order (references or data, sources, t, eps). ``cfm_equal_data`` is
+    ``cfm`` with ``ref_size`` samples (:func:`train_batch_size`)."""
+    if exp not in EXPS:
+        raise ValueError(f"unknown method {exp!r}; expected one of {EXPS}")
+    batch_size = train_batch_size(exp, batch_size, ref_size)
+    if exp in ("cfm", "cfm_equal_data"):
         x0 = gmm.sample(batch_size, generator)
         refs = None
     else:
@@ -523,23 +549,45 @@ def variance_study(args: argparse.Namespace, progress: bool = True) -> dict[str,
 # One training run.
 
 def study_key(args: argparse.Namespace) -> dict[str, Any]:
-    """Every setting that must match for runs to be compared (all but the method and seed)."""
-    return {k: getattr(args, k) for k in (
+    """Every setting that must match for runs to be compared (all but the method and seed).
+    With ``--time-budget`` the key holds the budget and ``steps`` is None (unused); without it
+    the key is the one of earlier versions, so their saved runs still match."""
+    key = {k: getattr(args, k) for k in (
         "dim", "components", "gmm_seed", "vector_field", "steps", "batch_size", "ref_size", "lr",
         "hidden", "depth", "ema_decay", "split", "eval_every", "eval_samples", "eval_seed")}
+    budget = getattr(args, "time_budget", None)
+    if budget is not None:
+        key["steps"] = None
+        key["time_budget"] = budget
+    return key
 
 
-def run_name(exp: str, field: str, seed: int) -> str:
-    return f"{exp}-{field}-seed{seed}"
+def budget_tag(time_budget: float | None, sep: str = "-") -> str:
+    """``""`` for a fixed step count, ``<sep>budget<B>s`` for a time budget of B seconds."""
+    return "" if time_budget is None else f"{sep}budget{time_budget:g}s"
+
+
+def run_name(exp: str, field: str, seed: int, time_budget: float | None = None) -> str:
+    return f"{exp}-{field}{budget_tag(time_budget)}-seed{seed}"
+
+
+# The training clock; a test replaces it with a fake one.
+_clock = time.perf_counter
 
 
 def train_run(args: argparse.Namespace, exp: str, seed: int, gmm: GMM, evaluator: FisherEval,
               progress: bool = True, wandb_run: Any = None) -> dict[str, Any]:
     """Train one model with target ``exp`` and return its record (config, Fisher-divergence
-    history of the EMA and raw models, losses, timing, and 2-D field frames if asked)."""
+    history of the EMA and raw models, losses, timing, and 2-D field frames if asked).
+
+    Stops after ``args.steps`` steps, or, when ``args.time_budget`` is set, after the first step
+    at which the training clock (the summed time of the training steps, evaluations excluded)
+    reaches the budget. Evaluations run every ``args.eval_every`` steps and after the last.
+    """
     from tqdm import tqdm
 
     kind = args.vector_field
+    budget = getattr(args, "time_budget", None)
     # Same initial weights for every method at a given seed; the data stream is separate.
     torch.manual_seed(seed)
     model = TimeMLP(args.dim, args.hidden, args.depth)
@@ -548,12 +596,14 @@ def train_run(args: argparse.Namespace, exp: str, seed: int, gmm: GMM, evaluator
     g = torch.Generator().manual_seed(seed * 1000003 + 17)
     viz = FieldFrames(gmm, kind, args.viz_t) if args.enable_visualization else None
 
-    steps, fd_ema, fd_raw, losses = [], [], [], []
+    steps, clock, fd_ema, fd_raw, losses = [], [], [], [], []
     running, n_running = 0.0, 0
+    train_clock = 0.0                       # seconds spent in training steps only
 
     def evaluate(step: int) -> None:
         nonlocal running, n_running
         steps.append(step)
+        clock.append(train_clock)
         fd_ema.append(evaluator(ema))
         fd_raw.append(evaluator(model))
         losses.append(running / n_running if n_running else None)  # none before step 1
@@ -569,9 +619,12 @@ def train_run(args: argparse.Namespace, exp: str, seed: int, gmm: GMM, evaluator
 
     evaluate(0)
     t0 = time.perf_counter()
-    bar = tqdm(range(1, args.steps + 1), desc=run_name(exp, kind, seed), disable=not progress,
-               mininterval=1.0)
-    for step in bar:
+    bar = tqdm(total=None if budget is not None else args.steps, desc=run_name(
+        exp, kind, seed, budget), disable=not progress, mininterval=1.0)
+    step = 0
+    while True:
+        step += 1
+        tic = _clock()
         batch = make_batch(exp, gmm, args.batch_size, args.ref_size, kind, g, args.split,
                            args.chunk_size)
         loss = (model(batch["x_t"], batch["t"]) - batch["target"]).square().mean()
@@ -580,12 +633,18 @@ def train_run(args: argparse.Namespace, exp: str, seed: int, gmm: GMM, evaluator
         opt.step()
         ema_update(list(ema.parameters()), list(model.parameters()),
                    ema_decay(step, args.ema_decay, warmup=True))
-        running += float(loss.detach())
+        running += float(loss.detach())      # waits for the step to finish
         n_running += 1
-        if step % args.eval_every == 0 or step == args.steps:
+        train_clock += _clock() - tic
+        bar.update(1)
+        done = train_clock >= budget if budget is not None else step >= args.steps
+        if step % args.eval_every == 0 or done:
             evaluate(step)
             bar.set_postfix(loss=f"{losses[-1]:.4f}",
                             fd=f"{headline(fd_ema[-1], evaluator.ts):.4f}")
+        if done:
+            break
+    bar.close()
     seconds = time.perf_counter() - t0
     fd_ema_a, fd_raw_a = np.array(fd_ema), np.array(fd_raw)
     record = {
@@ -595,7 +654,16 @@ def train_run(args: argparse.Namespace, exp: str, seed: int, gmm: GMM, evaluator
         "final": {"fd_ema_avg": headline(fd_ema_a[-1], evaluator.ts),
                   "fd_raw_avg": headline(fd_raw_a[-1], evaluator.ts),
                   "fd_ema_per_t": dict(zip(map(str, evaluator.ts), fd_ema_a[-1].tolist()))},
-        "train_seconds": seconds, "steps_per_second": args.steps / seconds,
+        # per step: x_t in the loss, and fresh mixture samples drawn
+        "batch_size": train_batch_size(exp, args.batch_size, args.ref_size),
+        "data_per_step": data_per_step(exp, args.batch_size, args.ref_size),
+        "time_budget": budget, "steps_done": step,
+        # training clock (evaluations excluded) at each evaluation and in total
+        "clock": clock, "step_seconds": train_clock,
+        "ms_per_step": 1000.0 * train_clock / step,
+        # wall clock of the whole loop, evaluations included (as in earlier versions)
+        "train_seconds": seconds, "eval_seconds": seconds - train_clock,
+        "steps_per_second": step / seconds,
         "threads": torch.get_num_threads(),
     }
     if viz is not None:
@@ -605,14 +673,16 @@ def train_run(args: argparse.Namespace, exp: str, seed: int, gmm: GMM, evaluator
 
 def save_run(out: Path, record: dict[str, Any]) -> None:
     """``runs/<name>.json`` (everything) and ``runs/<name>.npz`` (the arrays), atomically."""
-    name = run_name(record["exp"], record["vector_field"], record["seed"])
+    name = run_name(record["exp"], record["vector_field"], record["seed"],
+                    record.get("time_budget"))
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     frames = record.pop("_frames", None)
     atomic_write_json(runs / f"{name}.json", record)
     arrays = {"steps": np.array(record["steps"]), "eval_ts": np.array(record["eval_ts"]),
               "fd_ema": np.array(record["fd_ema"]), "fd_raw": np.array(record["fd_raw"]),
-              "loss": np.array([np.nan if v is None else v for v in record["loss"]])}
+              "loss": np.array([np.nan if v is None else v for v in record["loss"]]),
+              "clock": np.array(record["clock"])}
     _save_npz(runs / f"{name}.npz", arrays)
     if frames is not None:
         _save_npz(runs / f"{name}.frames.npz", frames)
@@ -636,8 +706,10 @@ def load_runs(out: Path, key: dict[str, Any]) -> list[dict[str, Any]]:
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Final EMA Fisher divergence per method: mean and sample std over seeds, headline average
-    and per t."""
+    and per t; with the steps, training-clock seconds and fresh data per step of the runs.
+    (Records of earlier versions lack the timing fields: those come out as None.)"""
     out: dict[str, Any] = {}
+    sd = (lambda a: float(np.std(a, ddof=1)) if len(a) > 1 else float("nan"))
     for exp in EXPS:
         rs = [r for r in runs if r["exp"] == exp]
         if not rs:
@@ -645,29 +717,43 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ts = rs[0]["eval_ts"]
         final = np.array([r["fd_ema"][-1] for r in rs])       # (seeds, T)
         avg = np.array([headline(f, ts) for f in final])
-        sd = (lambda a: float(np.std(a, ddof=1)) if len(a) > 1 else float("nan"))
+        study = rs[0]["study"]
+        steps = [int(r.get("steps_done", r["steps"][-1])) for r in rs]
+        clock = [r.get("step_seconds") for r in rs]
+        timed = all(c is not None for c in clock)
         out[exp] = {"seeds": [r["seed"] for r in rs], "avg_mean": float(avg.mean()),
                     "avg_std": sd(avg), "avg_per_seed": avg.tolist(),
                     "per_t_mean": dict(zip(map(str, ts), final.mean(0).tolist())),
                     "per_t_std": dict(zip(map(str, ts), [sd(final[:, i])
                                                          for i in range(len(ts))])),
-                    "steps_per_second": float(np.mean([r["steps_per_second"] for r in rs]))}
+                    "steps_per_second": float(np.mean([r["steps_per_second"] for r in rs])),
+                    "batch_size": train_batch_size(exp, study["batch_size"], study["ref_size"]),
+                    "data_per_step": data_per_step(exp, study["batch_size"], study["ref_size"]),
+                    "steps_per_seed": steps, "steps_mean": float(np.mean(steps)),
+                    "step_seconds_per_seed": clock if timed else None,
+                    "step_seconds_mean": float(np.mean(clock)) if timed else None,
+                    "ms_per_step_mean": (float(np.mean([1000 * c / n for c, n in
+                                                        zip(clock, steps)])) if timed else None)}
     return out
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The results table: headline average and the four headline t, mean ± std over seeds."""
+    """The results table: headline average and the four headline t, mean ± std over seeds,
+    then fresh data samples per step, steps, training-clock seconds (evaluations excluded) and
+    steps per second of the whole loop (evaluations included)."""
     head = "| method | seeds | avg t in {0.2..0.5} | " + " | ".join(
-        f"t={t}" for t in HEADLINE_TS) + " | steps/s |"
-    lines = [head, "|" + "---|" * (len(HEADLINE_TS) + 4)]
+        f"t={t}" for t in HEADLINE_TS) + " | data/step | steps | train s | steps/s |"
+    lines = [head, "|" + "---|" * (len(HEADLINE_TS) + 7)]
     def cell(mean: float, std: float, n: int) -> str:
         return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"  # no spread from one seed
 
     for exp, s in summary.items():
         n = len(s["seeds"])
         cells = [cell(s["per_t_mean"][str(t)], s["per_t_std"][str(t)], n) for t in HEADLINE_TS]
+        secs = "-" if s["step_seconds_mean"] is None else f"{s['step_seconds_mean']:.2f}"
         lines.append(f"| {exp} | {n} | {cell(s['avg_mean'], s['avg_std'], n)} | "
-                     + " | ".join(cells) + f" | {s['steps_per_second']:.0f} |")
+                     + " | ".join(cells) + f" | {s['data_per_step']} | {s['steps_mean']:.0f} | "
+                     f"{secs} | {s['steps_per_second']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -814,22 +900,35 @@ def _by_method(runs: list[dict[str, Any]]):
 
 def plot_fisher(runs: list[dict[str, Any]], kind: str, path: Path) -> None:
     """Fisher divergence of the EMA model over training, methods side by side: the headline
-    average and each headline t; line = mean over seeds, band = min..max over seeds."""
+    average and each headline t; line = mean over seeds, band = min..max over seeds.
+
+    Over training steps for fixed-step runs; for time-budget runs (whose seeds stop at
+    different steps) over the training clock, each seed's curve interpolated linearly onto a
+    common grid of 60 times between its first evaluation and the budget."""
     plt = _pyplot()
     panels = ["avg"] + list(HEADLINE_TS)
+    budget = runs[0].get("time_budget")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharex=True)
     for exp, rs, color, ls in _by_method(runs):
-        steps = np.array(rs[0]["steps"])
         ts = rs[0]["eval_ts"]
-        fd = np.array([r["fd_ema"] for r in rs])            # (seeds, evals, T)
         for ax, p in zip(axes, panels):
-            y = (np.array([[headline(row, ts) for row in s] for s in fd]) if p == "avg"
-                 else fd[:, :, _t_index(ts, p)])
-            ax.plot(steps[1:], y.mean(0)[1:], color=color, ls=ls, label=f"{exp} ({len(rs)})")
-            ax.fill_between(steps[1:], y.min(0)[1:], y.max(0)[1:], color=color, alpha=0.15)
+            def series(r):
+                fd = np.array(r["fd_ema"])                   # (evals, T)
+                return (np.array([headline(row, ts) for row in fd]) if p == "avg"
+                        else fd[:, _t_index(ts, p)])
+            if budget is None:
+                x = np.array(rs[0]["steps"])[1:]
+                y = np.array([series(r) for r in rs])[:, 1:]
+            else:
+                lo = max(r["clock"][1] for r in rs)
+                x = np.linspace(lo, budget, 60)
+                y = np.array([np.interp(x, r["clock"], series(r)) for r in rs])
+            ax.plot(x, y.mean(0), color=color, ls=ls, label=f"{exp} ({len(rs)})")
+            ax.fill_between(x, y.min(0), y.max(0), color=color, alpha=0.15)
     for ax, p in zip(axes, panels):
         _log_y(ax)
-        ax.set_xlabel("training step")
+        ax.set_xlabel("training step" if budget is None
+                      else "training clock, s (evaluations excluded)")
         ax.set_title("avg over t in {0.2,0.3,0.4,0.5}" if p == "avg" else f"t = {p}",
                      fontsize=10)
         ax.grid(alpha=0.3, which="both")
@@ -916,6 +1015,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gmm-seed", type=int, default=0, help="draws the mixture (shared by runs)")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="training seed(s)")
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--time-budget", "--time_budget", type=float, default=None, metavar="SECONDS",
+                   help="train each run for this many seconds of training clock (evaluations "
+                   "excluded) instead of --steps, which is then ignored")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--ref-size", type=int, default=1024, help="reference set size (stable "
                    "methods)")
@@ -966,6 +1068,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--variance-ts must be >= 2")
     if not 0.0 <= args.split <= 1.0:
         p.error(f"--split must be in [0, 1], got {args.split}")
+    if args.time_budget is not None and not (0.0 < args.time_budget < math.inf):
+        p.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     if not 0.0 < args.lr:
         p.error(f"--lr must be > 0, got {args.lr}")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -998,7 +1102,8 @@ def _require_wandb():
 def _init_wandb(args: argparse.Namespace, exp: str, seed: int):
     """One wandb run per (method, seed), configured with the study settings."""
     return _require_wandb().init(project=args.wandb_project,
-                                 name=run_name(exp, args.vector_field, seed),
+                                 name=run_name(exp, args.vector_field, seed,
+                                               args.time_budget),
                                  config={**study_key(args), "exp": exp, "seed": seed},
                                  reinit=True)
 
@@ -1085,16 +1190,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rec = train_run(args, exp, seed, gmm, evaluator, progress, run)
                 frames = rec.get("_frames")
                 save_run(out, rec)
+                name = run_name(exp, kind, seed, args.time_budget)
                 if frames is not None:
-                    render_gif(frames, run_name(exp, kind, seed),
-                               out / f"field_{run_name(exp, kind, seed)}.gif")
+                    render_gif(frames, name, out / f"field_{name}.gif")
                 if run is not None:
                     run.finish()
-                print(f"{run_name(exp, kind, seed)}: final Fisher divergence (EMA) avg "
-                      f"{rec['final']['fd_ema_avg']:.5f}, {rec['steps_per_second']:.0f} steps/s",
+                print(f"{name}: final Fisher divergence (EMA) avg "
+                      f"{rec['final']['fd_ema_avg']:.5f} after {rec['steps_done']} steps, "
+                      f"{rec['step_seconds']:.1f} s training clock ({rec['ms_per_step']:.2f} "
+                      f"ms/step, evaluations excluded), {rec['eval_seconds']:.1f} s evaluating",
                       flush=True)
     elif args.enable_visualization:
-        for p in sorted((out / "runs").glob(f"*-{kind}-seed*.frames.npz")):
+        tag = budget_tag(args.time_budget)
+        for p in sorted((out / "runs").glob(f"*-{kind}{tag}-seed*.frames.npz")):
             with np.load(p) as z:
                 frames = {k: z[k] for k in z.files}
             name = p.name[:-len(".frames.npz")]
@@ -1103,14 +1211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = load_runs(out, key)
     if runs:
         summary = summarize(runs)
-        atomic_write_json(out / f"summary_{kind}.json", {"study": key, "methods": summary})
+        tag = budget_tag(args.time_budget, sep="_")
+        atomic_write_json(out / f"summary_{kind}{tag}.json", {"study": key, "methods": summary})
         md = summary_markdown(summary)
-        atomic_write_bytes(out / f"summary_{kind}.md", md.encode())
-        plot_fisher(runs, kind, out / f"fisher_{kind}.png")
-        plot_fisher_vs_t(runs, kind, out / f"fisher_vs_t_{kind}.png")
+        atomic_write_bytes(out / f"summary_{kind}{tag}.md", md.encode())
+        plot_fisher(runs, kind, out / f"fisher_{kind}{tag}.png")
+        plot_fisher_vs_t(runs, kind, out / f"fisher_vs_t_{kind}{tag}.png")
         print(md)
     else:
-        others = list((out / "runs").glob(f"*-{kind}-seed*.json"))
+        others = list((out / "runs").glob(f"*-{kind}*-seed*.json"))
         if others:  # runs of another configuration: say so instead of plotting nothing silently
             rec = json.loads(others[0].read_text()).get("study", {})
             diff = {k: (rec.get(k), v) for k, v in key.items() if rec.get(k) != v}

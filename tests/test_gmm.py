@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch
 
 import gmm_exp as G
 
-EXPS = ("cfm", "stf", "stable_vm", "stable_vm_efficient")
+EXPS = ("cfm", "cfm_equal_data", "stf", "stable_vm", "stable_vm_efficient")
 
 
 @pytest.fixture(autouse=True)
@@ -278,6 +279,134 @@ def test_short_training_lowers_the_fisher_divergence():
 
 
 # ----------------------------------------------------------------------------------------------
+# The equal-data baseline and the time budget.
+
+def test_cfm_equal_data_is_cfm_at_batch_ref_size():
+    gmm = G.GMM.random(3, 5, seed=0)
+    b = G.make_batch("cfm_equal_data", gmm, 32, 96, "velocity", torch.Generator().manual_seed(4))
+    assert b["x_t"].shape == (96, 3) and b["t"].shape == (96,) and b["target"].shape == (96, 3)
+    # the same random stream as plain cfm with a batch of 96 (its ref-size is unused)
+    ref = G.make_batch("cfm", gmm, 96, 7, "velocity", torch.Generator().manual_seed(4))
+    for k in ("x_t", "t", "target", "x0"):
+        assert torch.equal(b[k], ref[k]), k
+    eps = (b["x_t"] - (1 - b["t"])[:, None] * b["x0"]) / b["t"][:, None]
+    torch.testing.assert_close(b["target"], eps - b["x0"], rtol=1e-4, atol=1e-4)
+    # 96 distinct fresh data samples, not 32 repeated
+    assert torch.unique(b["x0"], dim=0).shape[0] == 96
+
+
+def test_fresh_samples_drawn_per_step(monkeypatch):
+    """Count the mixture samples each method draws per training step."""
+    args = G.parse_args(["--steps", "3", "--eval-every", "3", "--batch-size", "16",
+                         "--ref-size", "48", "--dim", "3", "--components", "4", "--hidden", "16"])
+    gmm = G.GMM.random(args.dim, args.components, args.gmm_seed)
+    ev = G.FisherEval(gmm, "velocity", G.EVAL_TS, 32, 0)     # draws its points before counting
+    drawn: list[int] = []
+    real_sample = G.GMM.sample
+
+    def counting(self, n, generator=None):
+        drawn.append(n)
+        return real_sample(self, n, generator)
+
+    monkeypatch.setattr(G.GMM, "sample", counting)
+    expected = {"cfm": (16, 16), "cfm_equal_data": (48, 48), "stable_vm": (48, 16)}
+    for exp, (data, x_t) in expected.items():
+        drawn.clear()
+        rec = G.train_run(args, exp, 0, gmm, ev, progress=False)
+        assert drawn == [data] * 3, (exp, drawn)
+        assert rec["data_per_step"] == data and rec["batch_size"] == x_t
+
+
+def test_time_budget_counts_training_steps_only(monkeypatch):
+    """A fake clock: every batch costs 0.25 s and every evaluation 5 s. With a 1 s budget the
+    run must stop after exactly 4 steps (evaluations not counted), evaluating at 0, 3 and 4."""
+    now = [100.0]
+    monkeypatch.setattr(G, "_clock", lambda: now[0])
+    real_batch = G.make_batch
+
+    def slow_batch(*a, **k):
+        now[0] += 0.25
+        return real_batch(*a, **k)
+
+    monkeypatch.setattr(G, "make_batch", slow_batch)
+    gmm = G.GMM.random(2, 3, 0)
+    ev = G.FisherEval(gmm, "velocity", G.EVAL_TS, 16, 0)
+
+    class SlowEval:
+        ts = ev.ts
+
+        def __call__(self, model):
+            now[0] += 5.0
+            return ev(model)
+
+    slow_eval = SlowEval()
+
+    common = ["--eval-every", "3", "--batch-size", "8", "--ref-size", "16", "--dim", "2",
+              "--components", "3", "--hidden", "8"]
+    args = G.parse_args(common + ["--time-budget", "1", "--steps", "2"])
+    rec = G.train_run(args, "cfm_equal_data", 0, gmm, slow_eval, progress=False)
+    assert rec["steps_done"] == 4 and rec["steps"] == [0, 3, 4]    # --steps 2 is ignored
+    assert rec["clock"] == [0.0, 0.75, 1.0] and rec["step_seconds"] == 1.0
+    assert rec["ms_per_step"] == pytest.approx(250.0)
+    assert rec["time_budget"] == 1.0 and rec["study"]["time_budget"] == 1.0
+    assert rec["study"]["steps"] is None
+    # without a budget the step count decides, whatever the clock says
+    args = G.parse_args(common + ["--steps", "7"])
+    rec = G.train_run(args, "cfm", 0, gmm, slow_eval, progress=False)
+    assert rec["steps_done"] == 7 and rec["steps"] == [0, 3, 6, 7]
+    assert rec["step_seconds"] == 1.75 and rec["time_budget"] is None
+
+
+def test_study_key_of_fixed_step_runs_is_unchanged():
+    """Runs saved before --time-budget existed must still match (for --only_plot)."""
+    old = {"dim", "components", "gmm_seed", "vector_field", "steps", "batch_size", "ref_size",
+           "lr", "hidden", "depth", "ema_decay", "split", "eval_every", "eval_samples",
+           "eval_seed"}
+    assert set(G.study_key(G.parse_args([]))) == old
+    assert G.run_name("cfm", "velocity", 2) == "cfm-velocity-seed2"
+    assert G.run_name("cfm", "velocity", 2, 20.5) == "cfm-velocity-budget20.5s-seed2"
+    assert set(G.study_key(G.parse_args(["--time-budget", "3"]))) == old | {"time_budget"}
+
+
+@pytest.mark.slow
+def test_script_time_budget(tmp_path, repo_root):
+    out = tmp_path / "budget"
+    base = [sys.executable, "gmm_exp.py", "--dim", "3", "--components", "4",
+            "--no_plot_variance", "--out", str(out), *TINY]
+    r = subprocess.run(base + ["--exp", "cfm"], cwd=repo_root, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fixed = out / "runs" / "cfm-velocity-seed0.json"
+    before = fixed.stat().st_mtime_ns
+    budget = 0.4
+    t0 = time.perf_counter()
+    r = subprocess.run(base + ["--exp", "cfm", "cfm_equal_data", "stable_vm", "--time-budget",
+                               str(budget)], cwd=repo_root, capture_output=True, text=True,
+                       timeout=120)
+    wall = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert fixed.stat().st_mtime_ns == before              # fixed-step results not overwritten
+    summary = json.loads((out / "summary_velocity_budget0.4s.json").read_text())
+    assert summary["study"]["time_budget"] == budget
+    assert set(summary["methods"]) == {"cfm", "cfm_equal_data", "stable_vm"}
+    for exp in ("cfm", "cfm_equal_data", "stable_vm"):
+        rec = json.loads((out / "runs" / f"{exp}-velocity-budget0.4s-seed0.json").read_text())
+        # spent the budget and stopped after the step that crossed it (a tiny step is ~1 ms;
+        # the slack is for a busy machine)
+        assert budget <= rec["step_seconds"] < budget + 0.5
+        assert rec["steps_done"] > 4                           # TINY's --steps 4 is ignored
+        assert rec["steps"][-1] == rec["steps_done"] and rec["clock"][-1] == rec["step_seconds"]
+        assert np.all(np.diff(rec["clock"]) > 0) and np.all(np.diff(rec["steps"]) > 0)
+        assert rec["eval_seconds"] > 0 and rec["train_seconds"] > rec["step_seconds"]
+        assert summary["methods"][exp]["steps_per_seed"] == [rec["steps_done"]]
+    assert wall < 60
+    old = json.loads((out / "summary_velocity.json").read_text())
+    assert set(old["methods"]) == {"cfm"}                  # the fixed-step summary is its own
+    for name in ("fisher_velocity_budget0.4s.png", "fisher_vs_t_velocity_budget0.4s.png"):
+        assert _png_ok(out / name)
+
+
+# ----------------------------------------------------------------------------------------------
 # The script.
 
 TINY = ["--steps", "4", "--eval-every", "2", "--eval-samples", "64", "--batch-size", "16",
@@ -324,7 +453,16 @@ def test_script_end_to_end_all_methods(tmp_path, repo_root, digits_shards):
                 assert im.n_frames == 3
     summary = json.loads((out / "summary_velocity.json").read_text())["methods"]
     assert set(summary) == set(EXPS) and all(s["seeds"] == [0] for s in summary.values())
-    assert (out / "summary_velocity.md").read_text().count("\n| ") == 4
+    assert (out / "summary_velocity.md").read_text().count("\n| ") == 5
+    # TINY: --batch-size 16, --ref-size 32; the equal-data baseline trains on ref-size samples
+    x_t_per_step = {"cfm": 16, "cfm_equal_data": 32, "stf": 16, "stable_vm": 16,
+                    "stable_vm_efficient": 16}
+    for exp in EXPS:
+        rec = json.loads((out / "runs" / f"{exp}-velocity-seed0.json").read_text())
+        assert rec["batch_size"] == x_t_per_step[exp]
+        assert rec["data_per_step"] == (16 if exp == "cfm" else 32)
+        assert rec["steps_done"] == 4 and rec["time_budget"] is None
+        assert summary[exp]["data_per_step"] == rec["data_per_step"]
     for name in ("fisher_velocity.png", "fisher_vs_t_velocity.png", "variance_velocity.png"):
         assert _png_ok(out / name)
     curves = json.loads((out / "variance_velocity.json").read_text())["curves"]
@@ -362,6 +500,9 @@ def test_score_field_runs_for_every_method(tmp_path):
     (["--enable_visualization"], "use --dim 2"),
     (["--imagenet-data-path", "/nonexistent/shards"], "no such directory"),
     (["--split", "1.5"], "--split must be in [0, 1]"),
+    (["--time-budget", "0"], "--time-budget must be a positive number"),
+    (["--time-budget", "-3"], "--time-budget must be a positive number"),
+    (["--time-budget", "nan"], "--time-budget must be a positive number"),
 ])
 def test_bad_arguments_fail_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
