@@ -134,7 +134,7 @@ class Study:
     """The arguments that define a study; what a rerun of the same output directory must keep."""
 
     def __init__(self, args: argparse.Namespace):
-        self.out = Path(args.out)
+        self.out = Path(args.out).resolve()  # the commands run from the repository root
         self.base = shlex.split(args.base)
         self.generate = shlex.split(args.generate)
         self.cfg_scales = list(dict.fromkeys(args.cfg_scales))
