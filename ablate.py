@@ -45,6 +45,8 @@ DIGITS_COLUMNS = (("fd_ratio", "FD/floor", 2), ("fd", "FD", 2), ("fd_floor", "fl
                   ("class_accuracy", "accuracy", 3), ("diversity", "diversity", 3),
                   ("copies", "copies", 3))
 # ... and the ADM suite (evaluate.py metrics) when --eval-reference is given
+# training terms read from each run's log.jsonl (the last logged window)
+TRAIN_TERMS = ("si", "disp", "contrast_pos")
 ADM_COLUMNS = (("fid", "FID", 2), ("sfid", "sFID", 2), ("inception_score", "IS", 1),
                ("precision", "precision", 3), ("recall", "recall", 3))
 
@@ -246,13 +248,28 @@ def collect(study: Study) -> list[dict]:
             row = {"cell": job.cell.name, "seed": job.seed, "cfg_scale": s,
                    "flags": shlex.join(job.cell.flags)}
             row.update({k: m.get(k) for k, _, _ in study.columns})
+            row.update(final_terms(d))
             rows.append(row)
     return rows
 
 
+def final_terms(run_dir: Path) -> dict:
+    """The training loss terms of the last log.jsonl record (the mean over the last logging
+    window): shows, e.g., a dispersive term that sits at its floor -log(batch)."""
+    out = {f"train_{k}": None for k in TRAIN_TERMS}
+    log = run_dir / "log.jsonl"
+    if log.is_file():
+        lines = log.read_text().splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            out.update({f"train_{k}": last.get(k) for k in TRAIN_TERMS})
+    return out
+
+
 def write_csv(path: Path, rows: list[dict], study: Study) -> None:
     buf = io.StringIO()
-    fields = ["cell", "seed", "cfg_scale", "flags"] + [k for k, _, _ in study.columns]
+    fields = (["cell", "seed", "cfg_scale", "flags"] + [k for k, _, _ in study.columns]
+              + [f"train_{k}" for k in TRAIN_TERMS])
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
@@ -282,7 +299,7 @@ def summarise(rows: list[dict], study: Study) -> list[dict]:
             if not got:
                 continue
             stats = {}
-            for k, _, _ in study.columns:
+            for k in [k for k, _, _ in study.columns] + [f"train_{k}" for k in TRAIN_TERMS]:
                 vals = [r[k] for r in got if r[k] is not None]
                 stats[k] = mean_std(vals) if vals else None
             if ref is None:
@@ -298,13 +315,19 @@ def markdown(summary: list[dict], study: Study, command: str, timings: dict) -> 
     head_name = study.columns[0][1]
     lines = [f"Reproduce: `{command}`", "",
              f"Mean +- std over seeds; delta: change of the mean {head_name} against the first "
-             "cell at the same guidance scale (negative is better for FD and FID).", ""]
-    cols = [name for _, name, _ in study.columns]
+             "cell at the same guidance scale (negative is better for FD and FID); the terms "
+             "(end) are the unweighted training terms of the last logged window; train s: "
+             "median training seconds per run.", ""]
+    terms = [(f"train_{k}", name, 2) for k, name in (("disp", "disp term (end)"),
+                                                      ("contrast_pos", "positive term (end)"))
+             if any(r["stats"][f"train_{k}"] for r in summary)]
+    shown = list(study.columns) + terms
+    cols = [name for _, name, _ in shown]
     lines.append("| cell | CFG | seeds | " + " | ".join(cols) + f" | delta {head_name} | train s |")
     lines.append("|" + "---|" * (len(cols) + 5))
     for r in summary:
         cells = []
-        for k, _, digits in study.columns:
+        for k, _, digits in shown:
             st = r["stats"][k]
             cells.append("n/a" if st is None else f"{st[0]:.{digits}f} +- {st[1]:.{digits}f}")
         delta = "" if r["delta"] is None else f"{r['delta']:+.0f}%"

@@ -57,6 +57,9 @@ def _fake_study(tmp_path: Path, metrics: dict[tuple[str, int], float], *extra: s
         d = ablate.cell_dir(study.out, job)
         d.mkdir(parents=True)
         (d / "metrics-cfg1.json").write_text(json.dumps({"fd_ratio": ratio, "fd": 10 * ratio}))
+        if cell != "baseline":  # the last logged window's terms are what the table shows
+            (d / "log.jsonl").write_text(json.dumps({"step": 1, "si": 9.0, "disp": -1.0}) + "\n"
+                                         + json.dumps({"step": 2, "si": 0.5, "disp": -ratio}))
     return study
 
 
@@ -76,6 +79,9 @@ def test_table_is_mean_std_over_seeds_and_delta_against_the_baseline(tmp_path):
     assert rows["baseline"]["stats"]["recall"] is None              # not in these files
     assert "| disp_tau=1 | 1 | 3 | 3.30 +- 0.30 | 33.00 +- 3.00 |" in md
     assert "+50%" in md and "-32%" in md
+    assert rows["disp_tau=1"]["stats"]["train_disp"] == pytest.approx((-3.3, 0.3))
+    assert rows["baseline"]["stats"]["train_disp"] is None
+    assert "disp term (end)" in md and "positive term (end)" not in md
     with open(study.out / "results.csv") as f:
         got = list(csv.DictReader(f))
     assert len(got) == 8 and {r["cell"] for r in got} == {"baseline", "disp_tau=1", "disp_tau=2"}
