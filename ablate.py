@@ -158,7 +158,8 @@ class Study:
         return {"base": self.base, "generate": self.generate, "num_samples": self.num_samples,
                 "eval_reference": self.eval_reference, "eval_args": self.eval_args}
 
-    def check_spec(self) -> None:
+    def check_spec(self, record: bool = True) -> None:
+        """Refuse a changed spec; with ``record``, store the spec and this command line."""
         path = self.out / "study.json"
         if path.is_file():
             old = json.loads(path.read_text()).get("spec")
@@ -166,8 +167,9 @@ class Study:
                 diff = {k: (old.get(k), v) for k, v in self.spec().items() if old.get(k) != v}
                 raise UsageError(f"{self.out} holds a study with other settings {diff}; keep them "
                                  "or choose another --out (cells and seeds may be added)")
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"spec": self.spec(), "command": shlex.join(sys.argv)})
+        if record or not path.is_file():
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"spec": self.spec(), "command": shlex.join(sys.argv)})
 
     # -- the commands of one (cell, seed) -------------------------------------------------------
     def commands(self, job: Job) -> list[tuple[str, list[str], Path]]:
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--jobs must be in 1..{cores} (this machine's cores)")
         if args.num_samples < 1:
             raise UsageError("--num-samples must be >= 1")
-        study.check_spec()
+        study.check_spec(record=not args.report_only)  # a report keeps the study's command
     except UsageError as e:
         print(f"ablate.py: error: {e}", file=sys.stderr)
         return 2
