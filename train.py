@@ -15,7 +15,8 @@ Run directory ``OUTPUT_DIR/EXP_NAME``::
     samples/step-N.png     sample grids from the EMA model (eval mode, fixed noise and labels)
     logs/                  tensorboard / wandb tracker files
     checkpoints/step-N/    accelerate state (model, optimizer, RNG) + ema.safetensors,
-                           rank-R.json (step, data position, grad scaler), bank-R.safetensors
+                           rank-R.json (step, data position, grad scaler, open log window),
+                           bank-R.safetensors
 
 Exact resume: every random number of step n (posterior sample, label dropout, t, noise, StableVM
 draws) comes from a generator seeded with (seed, rank, n, micro-batch), and the data position,
@@ -793,6 +794,7 @@ class Checkpointer:
     def __init__(self, run: Run):
         self.run = run
         self.dir = run.run_dir / "checkpoints"
+        self.log_window: dict | None = None  # the metrics window of the checkpoint resumed from
 
     def start(self) -> int:
         """Check, then load the checkpoint to resume (if any), then write config.json and the
@@ -887,6 +889,7 @@ class Checkpointer:
             run.ema.load_state_dict(load_file(path / "ema.safetensors"))  # copies onto the device
             if mine.get("scaler"):
                 run.scaler.load_state_dict(mine["scaler"])
+            self.log_window = mine.get("log_window")
             bank = run.objective.bank
             if bank is not None:
                 bank.load_state_dict(load_file(path / f"bank-{run.rank}.safetensors"))
@@ -906,9 +909,10 @@ class Checkpointer:
     def has(self, step: int) -> bool:
         return (self.dir / f"step-{step:07d}" / CHECKSUMS).is_file()
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, log_window: dict | None = None) -> None:
         """Write checkpoints/step-N (temp dir, checksums last, rename), export the EMA, keep the
-        last K. The caller has checked that the state is finite."""
+        last K. The caller has checked that the state is finite. ``log_window``: the metrics'
+        open window (:meth:`MetricsLog.state_dict`), restored on resume."""
         run = self.run
         final, tmp = self.dir / f"step-{step:07d}", self.dir / f".tmp-step-{step:07d}"
         if run.is_main:
@@ -919,7 +923,8 @@ class Checkpointer:
         run.accelerator.wait_for_everyone()
         run.accelerator.save_state(str(tmp))
         state = {"step": step, "loader": run.loader.state_dict(),
-                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None}
+                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                 "log_window": log_window}
         atomic_write_text(tmp / f"rank-{run.rank}.json", json.dumps(state))
         if run.objective.bank is not None:
             save_safetensors_atomic(run.objective.bank.state_dict(),
@@ -990,6 +995,22 @@ class MetricsLog:
             self.sums[k] = self.sums.get(k, 0) + v
         self.skipped += nonfinite
         self.steps += 1
+
+    def state_dict(self) -> dict:
+        """The open window (this process's sums since the last log point) and the skip count,
+        so that a run resumed from a checkpoint between log points logs the same numbers."""
+        return {"steps": self.steps, "skipped": int(self.skipped.item()),
+                "sums": {k: [float(v), str(v.dtype).removeprefix("torch.")]
+                         for k, v in self.sums.items()}}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state:  # a checkpoint written before the window was saved
+            return
+        dev = self.run.device
+        self.steps = int(state["steps"])
+        self.skipped.fill_(int(state["skipped"]))
+        self.sums = {k: torch.tensor(v, dtype=getattr(torch, dtype), device=dev)
+                     for k, (v, dtype) in state["sums"].items()}
 
     def write(self, step: int, lr: float) -> dict:
         run, cfg = self.run, self.run.cfg
@@ -1247,6 +1268,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train", unit="step",
                disable=not run.is_main, dynamic_ncols=True)
     metrics, guard = MetricsLog(run, bar), DivergenceGuard(run, step)
+    metrics.load_state_dict(checkpoints.log_window)
     data = endless(run.loader)
 
     while step < cfg.max_train_steps:
@@ -1272,7 +1294,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
             evaluation(step)
             run.accelerator.wait_for_everyone()
         if save_now:
-            checkpoints.save(step)
+            checkpoints.save(step, metrics.state_dict())
         if save_now or eval_now:
             metrics.t0 = time.perf_counter()  # checkpoints and evaluations are not training
 
@@ -1281,7 +1303,7 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
     if cfg.sampling_steps == 0 or step % cfg.sampling_steps:
         grid(step)
     if not checkpoints.has(step):
-        checkpoints.save(step)  # e.g. resumed at the final step with a new limit
+        checkpoints.save(step, metrics.state_dict())  # e.g. resumed at the final step
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     run.say(f"done: step {step}, run directory {run.run_dir}")

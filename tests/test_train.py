@@ -149,6 +149,28 @@ def test_resume_after_kill_is_exact_si(digits8, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_between_log_points_logs_the_same_window_contrastive(digits8, tmp_path):
+    """Checkpoints every 3 steps, log lines every 4: the resumed run's first line averages the
+    steps before the checkpoint too (the open window is in the checkpoint), so log.jsonl is the
+    uninterrupted run's. Also exact resume of the two-view contrastive objective."""
+    extra = ["--max-train-steps", "8", "--log-every", "4", "--contrastive", "infonce_l2",
+             "--contrastive-noise", "restricted", "--contrastive-delta", "0.3"]
+    run(train_cmd(digits8, tmp_path / "ref", *extra))
+    cmd = train_cmd(digits8, tmp_path / "int", *extra)
+    kill_then_resume(cmd, tmp_path / "int" / "run", 1)  # after the first line (step 4)
+
+    def lines(d: Path) -> list[dict]:
+        timing = ("img_per_s", "memory_mb", "mfu")
+        return [{k: v for k, v in json.loads(x).items() if k not in timing}
+                for x in (d / "run" / "log.jsonl").read_text().splitlines()]
+    ref, got = lines(tmp_path / "ref"), lines(tmp_path / "int")
+    assert [r["step"] for r in ref] == [4, 8] and got == ref
+    assert all("contrast_pos" in r for r in ref)
+    assert (tmp_path / "ref" / "run" / "ema.safetensors").read_bytes() == \
+        (tmp_path / "int" / "run" / "ema.safetensors").read_bytes()
+
+
+@pytest.mark.slow
 def test_resume_killed_inside_checkpoint_stablevm_disp_accum(digits8, tmp_path):
     """Killed while step 6's checkpoint is half written: the resume starts from step 3."""
     steps = 8
@@ -192,7 +214,7 @@ def test_resume_after_kill_repa_irepa(digits32_images, tiny_dinov2, tmp_path):
     p = run(train_cmd(digits32_images, tmp_path / "ref", *extra))
     assert "targets are upsampled 2x2 -> 8x8" in p.stdout
     cmd = train_cmd(digits32_images, tmp_path / "int", *extra)
-    kill_then_resume(cmd, tmp_path / "int" / "run", 4)
+    kill_then_resume(cmd, tmp_path / "int" / "run", 1)  # after the first line (step 4)
     assert_same_run(tmp_path / "ref" / "run", tmp_path / "int" / "run", steps)
     log = read_log(tmp_path / "ref" / "run")
     assert all(-1.0 <= r["proj"] <= 1.0 for r in log.values())
