@@ -829,6 +829,10 @@ class Checkpointer:
                 aside = path.with_name(f".damaged-{path.name}")
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(path, aside)
+            # a kill between a checkpoint's rename and its EMA export leaves the previous
+            # export behind; a run resumed at its final step would otherwise never replace it
+            if step and self._exported_step() != step:
+                self._export_ema(step)
         run.say(summary(run))
         for path, why in skipped:
             run.say(f"skipped checkpoint {path.name}: {why} (moved to .damaged-{path.name})")
@@ -937,10 +941,23 @@ class Checkpointer:
             if final.exists():  # an incomplete leftover (no checksums) of an interrupted run
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            save_safetensors_atomic(sampling_state_dict(run.ema), run.run_dir / "ema.safetensors",
-                                    metadata={"step": str(step)}, checksum=True)
+            self._export_ema(step)
             self._prune()
         run.accelerator.wait_for_everyone()
+
+    def _export_ema(self, step: int) -> None:
+        save_safetensors_atomic(sampling_state_dict(self.run.ema),
+                                self.run.run_dir / "ema.safetensors",
+                                metadata={"step": str(step)}, checksum=True)
+
+    def _exported_step(self) -> int | None:
+        """The step of run_dir/ema.safetensors (None: missing or unreadable)."""
+        from safetensors import safe_open
+        try:
+            with safe_open(str(self.run.run_dir / "ema.safetensors"), "pt") as f:
+                return int((f.metadata() or {})["step"])
+        except (OSError, ValueError, KeyError, RuntimeError):
+            return None
 
     def _write_checksums(self, tmp: Path, step: int) -> None:
         files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*"))

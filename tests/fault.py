@@ -3,11 +3,15 @@
     python tests/fault.py kill-after-save-state STEP -- train.py ARGS...
         SIGKILL the process right after accelerate wrote checkpoints/.tmp-step-STEP, i.e. with
         a half-written checkpoint (the rank files, EMA and rename still to come).
+    python tests/fault.py kill-before-ema-export STEP -- train.py ARGS...
+        SIGKILL the process after checkpoints/step-STEP is complete and renamed, just before
+        run_dir/ema.safetensors (the sampling export) is replaced by step STEP's EMA.
     python tests/fault.py slow-parts SECONDS -- generate.py ARGS...
         sleep SECONDS after each finished part file, so a test can kill generation between parts.
 
 The product code has no test hooks: the faults are patched into the library functions the scripts
-call (accelerate's ``Accelerator.save_state``, ``common.atomic_write_bytes``), then the script runs
+call (accelerate's ``Accelerator.save_state``, ``common.atomic_write_bytes`` and
+``common.save_safetensors_atomic``), then the script runs
 as ``__main__``. Works under ``torchrun`` too (each process patches itself).
 """
 from __future__ import annotations
@@ -35,6 +39,20 @@ def kill_after_save_state(step: int) -> None:
     Accelerator.save_state = patched
 
 
+def kill_before_ema_export(step: int) -> None:
+    import common
+    save = common.save_safetensors_atomic
+
+    def patched(tensors, path, metadata=None, checksum=False):
+        in_checkpoint = Path(path).parent.name.startswith(".tmp-step-")
+        if (Path(path).name == "ema.safetensors" and not in_checkpoint
+                and (metadata or {}).get("step") == str(step)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(tensors, path, metadata=metadata, checksum=checksum)
+
+    common.save_safetensors_atomic = patched
+
+
 def slow_parts(seconds: float) -> None:
     import common
     write = common.atomic_write_bytes
@@ -48,6 +66,7 @@ def slow_parts(seconds: float) -> None:
 
 
 FAULTS = {"kill-after-save-state": lambda v: kill_after_save_state(int(v)),
+          "kill-before-ema-export": lambda v: kill_before_ema_export(int(v)),
           "slow-parts": lambda v: slow_parts(float(v))}
 
 

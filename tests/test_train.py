@@ -189,6 +189,21 @@ def test_resume_killed_inside_checkpoint_stablevm_disp_accum(digits8, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_killed_before_the_final_ema_export(digits8, tmp_path):
+    """Killed after the final checkpoint was renamed but before run_dir/ema.safetensors was
+    replaced: the resume (at the final step, nothing left to train) must still export the final
+    EMA, or generate.py samples the previous checkpoint's weights."""
+    steps = 4
+    extra = ["--max-train-steps", str(steps), "--checkpointing-steps", "2"]
+    run(train_cmd(digits8, tmp_path / "ref", *extra))
+    cmd = train_cmd(digits8, tmp_path / "int", *extra)
+    faulty = [cmd[0], str(REPO / "tests" / "fault.py"), "kill-before-ema-export", str(steps),
+              "--", *cmd[1:]]
+    kill_then_resume(faulty, tmp_path / "int" / "run", None, resume_cmd=cmd)
+    assert_same_run(tmp_path / "ref" / "run", tmp_path / "int" / "run", steps)
+
+
+@pytest.mark.slow
 def test_resume_after_kill_two_processes(digits8, tmp_path):
     steps = 8
     extra = ["--max-train-steps", str(steps), "--loss-type", "stablevm",
