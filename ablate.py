@@ -381,7 +381,8 @@ def plot(path: Path, summary: list[dict], study: Study) -> None:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(f"{name} (mean +- std over seeds)")
-    ax.legend(fontsize=8)
+    # above the axes: the bars fill the plot, so any spot inside would hide one
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=4, frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
