@@ -24,10 +24,10 @@ import csv
 import io
 import itertools
 import json
-import math
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -45,10 +45,10 @@ DIGITS_COLUMNS = (("fd_ratio", "FD/floor", 2), ("fd", "FD", 2), ("fd_floor", "fl
                   ("class_accuracy", "accuracy", 3), ("diversity", "diversity", 3),
                   ("copies", "copies", 3))
 # ... and the ADM suite (evaluate.py metrics) when --eval-reference is given
-# training terms read from each run's log.jsonl (the last logged window)
-TRAIN_TERMS = ("si", "disp", "contrast_pos")
 ADM_COLUMNS = (("fid", "FID", 2), ("sfid", "sFID", 2), ("inception_score", "IS", 1),
                ("precision", "precision", 3), ("recall", "recall", 3))
+# training terms read from each run's log.jsonl (the last logged window)
+TRAIN_TERMS = ("si", "disp", "contrast_pos")
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,8 @@ class Study:
 
 
 def run_job(study: Study, job: Job, threads: int, stop: threading.Event) -> dict:
-    """Run the unfinished steps of ``job``; returns ``{'ok', 'job', 'error', 'seconds'}``."""
+    """Run the unfinished steps of ``job`` (adding each step's seconds to timing.json);
+    returns ``{'ok', 'job'}`` plus ``'error'`` when a step failed or the sweep was stopped."""
     d = cell_dir(study.out, job)
     d.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -283,10 +284,7 @@ def write_csv(path: Path, rows: list[dict], study: Study) -> None:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarise(rows: list[dict], study: Study) -> list[dict]:

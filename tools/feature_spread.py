@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import UsageError, atomic_write_text  # noqa: E402
-from losses.dispersive import dispersive_loss  # noqa: E402
+from losses.dispersive import _sq_dists, dispersive_loss  # noqa: E402
 
 TIMES = (0.25, 0.5, 0.75)
 
@@ -32,12 +32,9 @@ def spread(z: torch.Tensor) -> dict[str, float]:
     of features ``z`` (B, ...)."""
     z = z.flatten(1).double()
     b, m = z.shape
-    rms = z.square().mean().sqrt().item()
-    z = z - z.mean(0)  # distances are shift invariant; centring keeps the expansion accurate
-    sq = z.square().sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp_min(0) / m  # float64: exact enough
+    d = _sq_dists(z, z) / m  # the dispersive loss's own distances, in float64
     off = d[~torch.eye(b, dtype=torch.bool)]
-    return {"rms": rms, "median_sq_dist": off.median().item(),
+    return {"rms": z.square().mean().sqrt().item(), "median_sq_dist": off.median().item(),
             "infonce_l2": dispersive_loss(z[:64]).item()}
 
 
@@ -63,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="data/digits", help="shards of the real samples")
     p.add_argument("--csv", default=None, help="also write the numbers to this CSV file")
     args = p.parse_args(argv)
-    from generate import build_model, resolve_run
+    from generate import build_model, parse_args, resolve_run
     from preprocessing.shards import ShardDataset, latents_from_raw
     try:
         ds = ShardDataset(args.data_dir)
@@ -75,10 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         eps = torch.randn(x.shape, generator=g)
         rows = []
         for run in args.runs:
-            ns = argparse.Namespace(ckpt=run, model=None, vae=None, resolution=None,
-                                    num_classes=None, qk_norm=None, encoder_depth=None,
-                                    projector_embed_dims=None, use_irepa=False, path_type=None)
-            model = build_model(resolve_run(ns), "cpu")
+            # generate.py's own defaults: the model exactly as the run's config.json describes it
+            model = build_model(resolve_run(parse_args(["--ckpt", run])), "cpu")
             rows.append({"run": run, **model_spread(model, x, b["y"], eps)})
     except (UsageError, FileNotFoundError, ValueError) as e:
         print(f"feature_spread.py: error: {e}", file=sys.stderr)
