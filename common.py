@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +17,16 @@ import torch
 
 class UsageError(Exception):
     """A problem the user can fix (bad flag, missing file): printed without a traceback, exit 2."""
+
+
+USAGE_EXIT = 2  # argparse's own status for a bad command line
+
+
+def cli_error(prog: str, error: BaseException | str) -> int:
+    """Report a problem the user can fix the way every script of the project does (argparse's
+    ``PROG: error: MESSAGE`` on stderr, no traceback) and return the exit status 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return USAGE_EXIT
 
 
 # ----------------------------------------------------------------------------------------------
