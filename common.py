@@ -1,5 +1,6 @@
-"""Small utilities every script shares: the CLI error type, atomic file writes, seed mixing and
-the EMA update. Nothing here imports another module of the project, so any module may import it.
+"""Small utilities every script shares: the CLI error type, atomic file writes, seed mixing,
+the EMA update and pairwise squared distances. Nothing here imports another module of the
+project, so any module may import it.
 """
 from __future__ import annotations
 
@@ -149,6 +150,34 @@ def ema_update(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor
                decay: float) -> None:
     """ema = decay * ema + (1 - decay) * param, one fused kernel per dtype/device group."""
     torch._foreach_lerp_(list(ema_params), list(params), 1.0 - decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distances (the dispersive loss, the k-NN manifolds of precision/recall, the digits copies).
+
+def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | None = None,
+                      exact: bool = False) -> torch.Tensor:
+    """(len(a), len(b)) squared Euclidean distances between the rows of ``a`` and of ``b``.
+
+    Default: ``|a|^2 + |b|^2 - 2 a b^T`` (one matmul, differentiable), clamped at 0; ``b_sq`` is
+    ``|b|^2`` when the caller reuses ``b`` over row blocks. The cancellation error grows with the
+    norms, so callers shift the rows towards their mean first, and identical rows need not come
+    out exactly 0.
+
+    ``exact=True``: from the differences, summed one feature at a time in column order (as a
+    scalar loop, scipy's ``cdist``, sums them). Identical rows are exactly 0 apart, d(a, b) and
+    d(b, a) are the same bits, and nothing depends on BLAS blocking or the thread count; costs a
+    (len(a), len(b)) pass per feature, so it is for small sets. ``b_sq`` is not used.
+    """
+    if exact:
+        out = a.new_zeros((a.shape[0], b.shape[0]))
+        for j in range(a.shape[1]):
+            d = a[:, j, None] - b[None, :, j]
+            out += d * d
+        return out
+    if b_sq is None:
+        b_sq = b.square().sum(1)
+    return (a.square().sum(1, keepdim=True) + b_sq[None] - 2 * (a @ b.T)).clamp_min_(0)
 
 
 def with_default_command(argv: Sequence[str], commands: Sequence[str], default: str) -> list[str]:

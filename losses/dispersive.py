@@ -42,6 +42,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import pairwise_sq_dists
+
 VARIANTS = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
 
 __all__ = ["VARIANTS", "dispersive_loss", "gather_negatives", "DispersiveLoss"]
@@ -59,12 +61,9 @@ def _sq_dists(zl: torch.Tensor, za: torch.Tensor) -> torch.Tensor:
     # making the norms (and so the cancellation error) as small as possible. Detached because the
     # shift's gradient cancels analytically.
     shift = zl.mean(dim=0, keepdim=True).detach()
-    zl, za = zl - shift, za - shift
-    d = zl.square().sum(1, keepdim=True) + za.square().sum(1)[None] - 2 * (zl @ za.T)
-    d = d.clamp_min(0)
+    d = pairwise_sq_dists(zl - shift, za - shift)
     # Self-pairs are exactly 0 (rounding could leave a tiny positive value).
-    b = zl.shape[0]
-    eye = torch.eye(b, za.shape[0], dtype=torch.bool, device=d.device)
+    eye = torch.eye(zl.shape[0], za.shape[0], dtype=torch.bool, device=d.device)
     return d.masked_fill(eye, 0.0)
 
 
