@@ -70,12 +70,10 @@ import numpy as np
 if __package__ in (None, ""):  # `python generate.py` from elsewhere: the repository's modules
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (UsageError, atomic_write_bytes, atomic_write_json,  # noqa: E402
-                    safetensors_checksum_problem, sha256_file)
+from common import (UsageError, atomic_write_bytes, atomic_write_json, cli_error,  # noqa: E402
+                    sha256_file)
 
 PART_RE = re.compile(r"^(\d+)-(\d+)\.npz$")
-LABEL_STREAMS = {"random": 2, "equal": 3}
-SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
 MODES = ("ode", "sde", "meanflow")
 
 
@@ -154,127 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve_checkpoint(ckpt: str) -> tuple[Path, dict | None]:
-    path = Path(ckpt).expanduser()
-    if path.is_dir():
-        weights = path / "ema.safetensors"
-        if not weights.is_file():
-            raise UsageError(f"run directory {path} has no ema.safetensors")
-        cfg_path = path / "config.json"
-    elif path.is_file():
-        weights, cfg_path = path, path.parent / "config.json"
-    else:
-        raise UsageError(f"checkpoint {path} does not exist")
-    config = None
-    if cfg_path.is_file():
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{cfg_path} is not valid JSON: {e}") from None
-    return weights, config
-
-
-def resolve_run(args: argparse.Namespace) -> dict:
-    """Everything needed to build the model and decode, from config.json and the flags."""
-    from models.sit import SiT_models, get_model_config
-    from models.vae import VAE_ALIASES
-
-    weights, config = resolve_checkpoint(args.ckpt)
-    cfg = dict(config or {})
-    model_name = args.model or cfg.get("model") or "SiT-XL/2"
-    if model_name not in SiT_models:
-        raise UsageError(f"unknown model {model_name!r}; known: {', '.join(SiT_models)}")
-    kwargs = dict(cfg.get("model_kwargs") or {})
-    if args.model and cfg.get("model") and args.model != cfg["model"]:
-        for k in SIZE_KEYS:
-            kwargs.pop(k, None)
-    size = get_model_config(model_name)
-    size.update({k: kwargs.pop(k) for k in SIZE_KEYS if k in kwargs})
-
-    if args.vae is not None:
-        vae = None if args.vae.lower() in ("none", "null", "pixel") else \
-            VAE_ALIASES.get(args.vae, args.vae)
-    elif config is not None:
-        vae = cfg.get("vae")
-    else:
-        vae = VAE_ALIASES["ema"]
-    if config is not None and "input_size" in cfg:
-        input_size = int(cfg["input_size"])
-    else:
-        res = args.resolution or 256
-        input_size = res // 8 if vae else res
-    in_channels = int(cfg.get("in_channels", 4 if vae else 3))
-    num_classes = args.num_classes or int(cfg.get("num_classes", 1000))
-    if args.qk_norm is not None:
-        kwargs["qk_norm"] = args.qk_norm
-    if args.encoder_depth is not None:
-        kwargs["encoder_depth"] = args.encoder_depth
-    if args.projector_embed_dims:
-        kwargs["z_dims"] = [int(z) for z in args.projector_embed_dims.split(",") if z]
-    if args.use_irepa:
-        kwargs["projector_type"] = "conv"
-    return {"weights": weights, "config": config, "model": model_name, "size": size,
-            "model_kwargs": kwargs, "input_size": input_size, "in_channels": in_channels,
-            "num_classes": num_classes, "vae": vae,
-            "latent_scale": cfg.get("latent_scale", 0.18215),
-            "latent_bias": cfg.get("latent_bias", 0.0),
-            "path_type": args.path_type or cfg.get("path_type", "linear")}
-
-
-def build_model(run: dict, device):
-    from models.sit import (SiT, convert_sit_state_dict, load_checkpoint, projector_kwargs,
-                            read_checkpoint)
-
-    kwargs = dict(run["model_kwargs"])
-    weights = Path(run["weights"])
-    problem = weights.suffix == ".safetensors" and safetensors_checksum_problem(weights)
-    if problem:  # train.py's exports carry a sha256 of their tensor data
-        raise UsageError(f"{problem}; sample from a checkpoint's ema.safetensors instead, or "
-                         f"resume the run to write a fresh export")
-    try:
-        stored = read_checkpoint(run["weights"])  # read once: the file can be gigabytes
-    except Exception as e:  # unreadable / corrupt file
-        raise UsageError(f"cannot read checkpoint {run['weights']}: {e}") from None
-    if any(k.startswith("h_embedder.") for k in stored):
-        kwargs.setdefault("meanflow", True)  # a MeanFlow model (its interval embedder is stored)
-    if not any(".projectors." in "." + k for k in stored):
-        kwargs.pop("z_dims", None)  # no projectors stored (e.g. our ema.safetensors)
-    elif "z_dims" not in kwargs and run["config"] is None:
-        # REPA / iREPA checkpoints carry projectors: build them so the strict load can match.
-        stored = convert_sit_state_dict(stored, run["in_channels"], run["size"]["patch_size"])
-        try:
-            for k, v in projector_kwargs(stored).items():
-                kwargs.setdefault(k, v)
-        except ValueError as e:
-            raise UsageError(f"{run['weights']}: {e}") from None
-    try:
-        model = SiT(input_size=run["input_size"], in_channels=run["in_channels"],
-                    num_classes=run["num_classes"], **run["size"], **kwargs)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"cannot build {run['model']} with {kwargs}: {e}") from None
-    try:
-        load_checkpoint(model, stored)
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"checkpoint {run['weights']} does not match model {run['model']}: {e}"
-                         ) from None
-    return model.to(device).eval().requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------------------------
-# Labels, parts, npz bytes.
-
-def make_labels(n: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
-    """All N labels (int64), identical on every rank; rules in the module docstring."""
-    from samplers import sample_seed
-    rng = np.random.default_rng(sample_seed(seed, 0, LABEL_STREAMS[mode]))
-    if mode == "random":
-        return rng.integers(0, num_classes, size=n, dtype=np.int64)
-    q, r = divmod(n, num_classes)
-    counts = np.full(num_classes, q, dtype=np.int64)
-    counts[rng.permutation(num_classes)[:r]] += 1
-    labels = np.repeat(np.arange(num_classes, dtype=np.int64), counts)
-    return labels[rng.permutation(n)]
-
+# Parts and npz bytes.
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An uncompressed .npz like np.savez, but with fixed zip timestamps: same arrays, same bytes."""
@@ -357,44 +236,38 @@ def _broadcast(obj, state):
     return box[0]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch
-    from accelerate import PartialState
-
+def load_for_sampling(args: argparse.Namespace, device) -> tuple[object, dict, object, object]:
+    """(model, run, vae, vae_ident): the trained model (:func:`training.load_run`) and the VAE
+    its samples are decoded with (None for pixel-space runs)."""
     from models.vae import WeightsNotFound, load_vae
-    from samplers import images_to_uint8, sample_meanflow, sample_ode, sample_sde
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    device, rank, world = state.device, state.process_index, state.num_processes
-    is_main = state.is_main_process
-
-    import runtime
-    runtime.configure(device, allow_tf32=args.precision == "tf32")
-    autocast = runtime.autocast(device, "bf16" if args.precision == "bf16" else "no")
-
-    run = resolve_run(args)
-    model = build_model(run, device)
+    from training import load_run
+    model, run = load_run(args.ckpt, device, model=args.model, vae=args.vae,
+                          resolution=args.resolution, num_classes=args.num_classes,
+                          qk_norm=args.qk_norm, encoder_depth=args.encoder_depth,
+                          projector_embed_dims=args.projector_embed_dims,
+                          use_irepa=args.use_irepa, path_type=args.path_type)
     if args.mode == "meanflow" and not model.meanflow:
         raise UsageError(f"--mode meanflow needs a model trained with --loss-type meanflow; "
                          f"{run['weights']} holds an instantaneous-velocity model (use --mode ode "
                          f"or sde)")
-    vae = None
-    vae_ident = None
-    if run["vae"] is not None:
-        try:
-            vae, vae_ident = load_vae(run["vae"], device)
-        except WeightsNotFound as e:
-            raise UsageError(f"missing VAE: {e}") from None
-        except ImportError as e:
-            raise UsageError(str(e)) from None
-    n, c = args.num_fid_samples, run["num_classes"]
-    sample_dir = Path(args.sample_dir)
-    parts_dir = sample_dir / "parts"
+    if run["vae"] is None:
+        return model, run, None, None
+    try:
+        vae, vae_ident = load_vae(run["vae"], device)
+    except WeightsNotFound as e:
+        raise UsageError(f"missing VAE: {e}") from None
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    return model, run, vae, vae_ident
 
-    # Rank 0 checks the sample dir belongs to this run and lists finished parts; all ranks get
-    # the same work list (scanning on every rank would race with early writers).
-    if is_main:
+
+def plan_parts(args: argparse.Namespace, run: dict, sample_dir: Path, state
+               ) -> tuple[list[tuple[int, int]], dict]:
+    """Rank 0 checks that SAMPLE_DIR belongs to this run and lists the finished parts; every rank
+    gets the same list (scanning on every rank would race with early writers) and the spec."""
+    parts_dir = sample_dir / "parts"
+    msg = None
+    if state.is_main_process:
         spec = run_spec(args, run, sha256_file(run["weights"]))
         parts_dir.mkdir(parents=True, exist_ok=True)
         spec_path = parts_dir / "run.json"
@@ -408,48 +281,65 @@ def main(argv=None) -> int:
                        f"{', '.join(diff)}); use another --sample-dir or delete {parts_dir}")
         else:
             atomic_write_json(spec_path, spec)
-        done = [] if err else scan_parts(parts_dir, n)
-        msg = (err, done, spec)
-    else:
-        msg = None
+        msg = (err, [] if err else scan_parts(parts_dir, args.num_fid_samples), spec)
     err, done, spec = _broadcast(msg, state)
     if err:
         raise UsageError(err)
-    labels = make_labels(n, c, args.label_sampling, args.global_seed)
+    return done, spec
+
+
+def sample_parts(args: argparse.Namespace, model, run: dict, vae, labels: np.ndarray,
+                 chunks: list[tuple[int, int]], parts_dir: Path, device, is_main: bool) -> None:
+    """Sample this process's chunks and write each as an atomic part file."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import runtime
+    from samplers import latents_to_uint8, sample
+    autocast = runtime.autocast(device, "bf16" if args.precision == "bf16" else "no")
+    shape_one = (run["in_channels"], run["input_size"], run["input_size"])
+    bar = tqdm(total=sum(e - s for s, e in chunks), disable=not is_main, desc="sampling")
+    for s, e in chunks:
+        y = torch.from_numpy(labels[s:e]).to(device)
+        with autocast:
+            z = sample(model, (e - s, *shape_one), args.mode, num_steps=args.num_steps, y=y,
+                       seed=args.global_seed, indices=range(s, e), cfg_scale=args.cfg_scale,
+                       guidance_low=args.guidance_low, guidance_high=args.guidance_high,
+                       heun=args.heun, path_type=run["path_type"])
+            arr = latents_to_uint8(z, vae, run["latent_scale"], run["latent_bias"]).numpy()
+        atomic_write_bytes(parts_dir / f"{s:07d}-{e:07d}.npz",
+                           npz_bytes({"images": arr, "labels": labels[s:e]}))
+        bar.update(e - s)
+    bar.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from accelerate import PartialState
+
+    import runtime
+    from samplers import make_labels
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device, rank, world = state.device, state.process_index, state.num_processes
+    runtime.configure(device, allow_tf32=args.precision == "tf32")
+    model, run, vae, vae_ident = load_for_sampling(args, device)
+
+    n, sample_dir = args.num_fid_samples, Path(args.sample_dir)
+    done, spec = plan_parts(args, run, sample_dir, state)
+    labels = make_labels(n, run["num_classes"], args.label_sampling, args.global_seed)
     chunks = pending_chunks(n, done, args.per_proc_batch_size)
-    mine = chunks[rank::world]
-    if is_main:
+    if state.is_main_process:
         n_done = sum(e - s for s, e in done)
         print(f"generate: {run['model']} {args.mode} steps={args.num_steps} cfg={args.cfg_scale} "
               f"[{args.guidance_low}, {args.guidance_high}] N={n} processes={world} "
               f"device={device} precision={args.precision}; {n_done} samples already done, "
               f"{n - n_done} to go", flush=True)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=sum(e - s for s, e in mine), disable=not is_main, desc="sampling")
-    shape_one = (run["in_channels"], run["input_size"], run["input_size"])
-    for s, e in mine:
-        y = torch.from_numpy(labels[s:e]).to(device)
-        common = dict(num_steps=args.num_steps, y=y, seed=args.global_seed, indices=range(s, e),
-                      vae=vae, latent_scale=run["latent_scale"], latent_bias=run["latent_bias"])
-        with autocast:
-            if args.mode == "meanflow":
-                out = sample_meanflow(model, (e - s, *shape_one), **common)
-            else:
-                sampler = sample_sde if args.mode == "sde" else sample_ode
-                out = sampler(model, (e - s, *shape_one), heun=args.heun,
-                              cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                              guidance_high=args.guidance_high, path_type=run["path_type"],
-                              **common)
-        images = out["images"] if isinstance(out, dict) else out.float().clamp(-1, 1)
-        arr = images_to_uint8(images).numpy()
-        atomic_write_bytes(parts_dir / f"{s:07d}-{e:07d}.npz",
-                           npz_bytes({"images": arr, "labels": labels[s:e]}))
-        bar.update(e - s)
-    bar.close()
+    sample_parts(args, model, run, vae, labels, chunks[rank::world], sample_dir / "parts",
+                 device, state.is_main_process)
     state.wait_for_everyone()
-
-    if is_main:
-        write_samples_npz(sample_dir, parts_dir, n, labels, spec, args, vae_ident)
+    if state.is_main_process:
+        write_samples_npz(sample_dir, sample_dir / "parts", n, labels, spec, args, vae_ident)
     state.wait_for_everyone()
     return 0
 
@@ -492,8 +382,7 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except UsageError as e:
-        print(f"generate.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return cli_error("generate.py", e)
 
 
 if __name__ == "__main__":

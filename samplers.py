@@ -16,7 +16,9 @@ reduced to its first element, as REPA's models return one). Conventions (docs/CO
 
 Public API: :func:`sample_ode`, :func:`sample_sde`, :func:`sample_meanflow` (or :func:`sample`
 with ``mode``), :func:`velocity_with_cfg`, :func:`average_velocity`, :func:`score_from_velocity`,
-:func:`sample_noise`, :class:`StepNoise`, :func:`decode_latents`, :func:`images_to_uint8`.
+:func:`sample_noise`, :class:`StepNoise`, :func:`make_labels`, and :func:`latents_to_uint8`
+(with :func:`decode_latents` and :func:`images_to_uint8`): samplers return latents, and that is
+where they become images.
 """
 from __future__ import annotations
 
@@ -30,13 +32,13 @@ import torch
 import torch.nn as nn
 
 from common import mix_seed
-from losses.interpolant import PATH_TYPES
-from losses.interpolant import path_coefficients as _path_coefficients
+from losses.interpolant import PATH_TYPES, path_coefficients
 
 # Stream ids mixed into the per-sample seed. 0 and 1 are taken here; callers that need more
 # per-sample randomness (e.g. generate.py's label draw) should use other ids.
 INIT_STREAM = 0   # starting noise x_1
 SDE_STREAM = 1    # Euler-Maruyama increments
+LABEL_STREAMS = {"random": 2, "equal": 3}  # generation labels (make_labels)
 
 FINAL_STEPS = ("drift", "velocity")
 
@@ -116,10 +118,10 @@ class StepNoise:
 # ----------------------------------------------------------------------------------------------
 # Paths and the score.
 
-def path_coefficients(t: float, path_type: str = "linear") -> tuple[float, float, float, float]:
+def path_coefficients_at(t: float, path_type: str = "linear") -> tuple[float, float, float, float]:
     """(a, s, a', s') at a scalar time as Python floats (float64), from the one path definition
     in :mod:`losses.interpolant`."""
-    coeffs = _path_coefficients(torch.tensor(float(t), dtype=torch.float64), path_type)
+    coeffs = path_coefficients(torch.tensor(float(t), dtype=torch.float64), path_type)
     return tuple(float(c) for c in coeffs)
 
 
@@ -131,7 +133,7 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float,
     E[eps | x_t] = (a v - a' x_t) / (a s' - a' s), and Tweedie: score = -E[eps | x_t] / s.
     Linear path (a s' - a' s = 1): score = -(x + (1 - t) v) / t. Undefined at t = 0 (s = 0).
     """
-    a, s, da, ds = path_coefficients(t, path_type)
+    a, s, da, ds = path_coefficients_at(t, path_type)
     if s <= 0:
         raise ValueError(f"the score is undefined at t={t} (s(t) = 0)")
     eps = (a * v - da * x) / (a * ds - da * s)
@@ -248,6 +250,19 @@ def decode_latents(vae: Any, z: torch.Tensor,
     return images.float().clamp(-1, 1)
 
 
+def latents_to_uint8(z: torch.Tensor, vae: Any = None,
+                     latent_scale: float | Sequence[float] | torch.Tensor = 0.18215,
+                     latent_bias: float | Sequence[float] | torch.Tensor = 0.0) -> torch.Tensor:
+    """The one place sampled latents become images: uint8 (N, H, W, 3) on the CPU. With ``vae``
+    the latents are decoded (:func:`decode_latents`); without one they are pixels in [-1, 1]
+    (``--vae none`` runs). One-channel images are repeated to RGB (ADM's layout)."""
+    images = decode_latents(vae, z, latent_scale, latent_bias) if vae is not None else \
+        z.float().clamp(-1, 1)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images_to_uint8(images)
+
+
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), pixel = clamp(127.5 x + 128, 0, 255) truncated
     (ADM's conversion, docs/CONVENTIONS.md §6)."""
@@ -289,14 +304,6 @@ def _setup(model: nn.Module, shape: Sequence[int], y: torch.Tensor | None, seed:
     return x, y, idx, device
 
 
-def _finish(x: torch.Tensor, vae: Any, latent_scale, latent_bias
-            ) -> torch.Tensor | dict[str, torch.Tensor]:
-    latents = x.float()
-    if vae is None:
-        return latents
-    return {"latents": latents, "images": decode_latents(vae, latents, latent_scale, latent_bias)}
-
-
 def _steps(n: int, progress: bool, desc: str):
     if not progress:
         return range(n)
@@ -309,10 +316,8 @@ def sample_ode(model: nn.Module, shape: Sequence[int], *, num_steps: int = 50, h
                cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
                y: torch.Tensor | None = None, seed: int = 0, indices: IndexLike | None = None,
                noise: torch.Tensor | None = None, path_type: str = "linear",
-               dtype: torch.dtype | None = None, null_label: int | None = None, vae: Any = None,
-               latent_scale: float | Sequence[float] | torch.Tensor = 0.18215,
-               latent_bias: float | Sequence[float] | torch.Tensor = 0.0,
-               progress: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+               dtype: torch.dtype | None = None, null_label: int | None = None,
+               progress: bool = False) -> torch.Tensor:
     """Probability-flow ODE dx/dt = v(x, t) from t=1 (noise) to t=0 (data).
 
     Grid t_k = linspace(1, 0, num_steps + 1) (float64). Euler: x += v dt. Heun: predictor
@@ -322,9 +327,8 @@ def sample_ode(model: nn.Module, shape: Sequence[int], *, num_steps: int = 50, h
 
     shape: (B, C, H, W). y: (B,) labels, or None for unconditional (null label). indices: global
     sample indices for seeding (default 0..B-1); noise: explicit x_1 instead. ``path_type`` is
-    accepted for a uniform signature (the ODE needs only v). Returns float32 latents, or
-    ``{"latents", "images"}`` when ``vae`` is given (images = decode_latents(vae, latents,
-    latent_scale, latent_bias), float32 in [-1, 1]). Put the model in eval mode first.
+    accepted for a uniform signature (the ODE needs only v). Returns float32 latents (decode them
+    with :func:`latents_to_uint8`). Put the model in eval mode first.
     """
     x, y, _, _ = _setup(model, shape, y, seed, indices, noise, path_type, num_steps, cfg_scale)
     dtype = dtype or model_dtype(model)
@@ -344,7 +348,7 @@ def sample_ode(model: nn.Module, shape: Sequence[int], *, num_steps: int = 50, h
             x = x + dt * (0.5 * v + 0.5 * v_next)
         else:
             x = x + dt * v
-    return _finish(x, vae, latent_scale, latent_bias)
+    return x.float()
 
 
 @torch.no_grad()
@@ -352,11 +356,9 @@ def sample_sde(model: nn.Module, shape: Sequence[int], *, num_steps: int = 250,
                cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
                y: torch.Tensor | None = None, seed: int = 0, indices: IndexLike | None = None,
                noise: torch.Tensor | None = None, path_type: str = "linear",
-               dtype: torch.dtype | None = None, null_label: int | None = None, vae: Any = None,
-               latent_scale: float | Sequence[float] | torch.Tensor = 0.18215,
-               latent_bias: float | Sequence[float] | torch.Tensor = 0.0,
+               dtype: torch.dtype | None = None, null_label: int | None = None,
                last_step: float = 0.04, final_step: str = "drift", heun: bool = False,
-               progress: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+               progress: bool = False) -> torch.Tensor:
     """Reverse-time SDE by Euler-Maruyama on t = linspace(1, last_step, N), then one mean step to 0.
 
     The reverse SDE sharing the marginals of the flow, integrated with dt < 0, is
@@ -399,7 +401,7 @@ def sample_sde(model: nn.Module, shape: Sequence[int], *, num_steps: int = 250,
     dt = 0.0 - t_cur
     v = velocity(x, t_cur)
     x = x + dt * (drift(x, v, t_cur) if final_step == "drift" else v)
-    return _finish(x, vae, latent_scale, latent_bias)
+    return x.float()
 
 
 def average_velocity(model: nn.Module, x: torch.Tensor, r: float, t: float,
@@ -426,15 +428,13 @@ def sample_meanflow(model: nn.Module, shape: Sequence[int], *, num_steps: int = 
                     y: torch.Tensor | None = None, seed: int = 0,
                     indices: IndexLike | None = None, noise: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None, null_label: int | None = None,
-                    vae: Any = None, latent_scale: float | Sequence[float] | torch.Tensor = 0.18215,
-                    latent_bias: float | Sequence[float] | torch.Tensor = 0.0,
-                    progress: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+                    progress: bool = False) -> torch.Tensor:
     """MeanFlow sampling (docs/CONVENTIONS.md §11) with a model called as ``model(x, t, y, r=r)``
     that returns the average velocity over [r, t].
 
     Grid t_k = linspace(1, 0, num_steps + 1) (float64); each step z_r = z_t - (t - r) u(z_t, r, t),
     so one step (1 NFE) is x = eps - u(eps, 0, 1). No CFG: guidance is part of training. The
-    starting noise, labels, seeding, return value and decoding are those of :func:`sample_ode`
+    starting noise, labels, seeding and return value are those of :func:`sample_ode`
     (the same seed and indices give the same eps). Put the model in eval mode first.
     """
     x, y, _, _ = _setup(model, shape, y, seed, indices, noise, "linear", num_steps, 1.0)
@@ -443,16 +443,41 @@ def sample_meanflow(model: nn.Module, shape: Sequence[int], *, num_steps: int = 
     for k in _steps(num_steps, progress, "meanflow"):
         t_cur, t_next = ts[k], ts[k + 1]
         x = x - (t_cur - t_next) * average_velocity(model, x, t_next, t_cur, y, null_label, dtype)
-    return _finish(x, vae, latent_scale, latent_bias)
+    return x.float()
 
 
 SAMPLERS = {"ode": sample_ode, "sde": sample_sde, "meanflow": sample_meanflow}
 
 
-def sample(model: nn.Module, shape: Sequence[int], mode: str = "ode", **kwargs
-           ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Dispatch to :func:`sample_ode` (``mode='ode'``), :func:`sample_sde` (``mode='sde'``) or
-    :func:`sample_meanflow` (``mode='meanflow'``)."""
+def sample(model: nn.Module, shape: Sequence[int], mode: str = "ode", *, num_steps: int,
+           y: torch.Tensor | None = None, seed: int = 0, indices: IndexLike | None = None,
+           cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
+           heun: bool = False, path_type: str = "linear", **kwargs: Any) -> torch.Tensor:
+    """Latents from the sampler of ``mode``: :func:`sample_ode` ('ode'), :func:`sample_sde`
+    ('sde') or :func:`sample_meanflow` ('meanflow'). The one selection used by generate.py and by
+    training's sample grids and online evaluation. A MeanFlow model's guidance is part of its
+    training, so 'meanflow' takes no sampling guidance, Heun step or path (they are not used)."""
     if mode not in SAMPLERS:
         raise ValueError(f"unknown sampling mode {mode!r}: one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[mode](model, shape, **kwargs)
+    common = dict(num_steps=num_steps, y=y, seed=seed, indices=indices, **kwargs)
+    if mode == "meanflow":
+        return sample_meanflow(model, shape, **common)
+    return SAMPLERS[mode](model, shape, cfg_scale=cfg_scale, guidance_low=guidance_low,
+                          guidance_high=guidance_high, heun=heun, path_type=path_type, **common)
+
+
+def make_labels(n: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
+    """All ``n`` class labels (int64) of a generation run, the same on every process.
+
+    ``random``: ``rng.integers(0, C, n)``. ``equal``: every class gets n // C samples, the n mod C
+    remaining ones go one each to the first classes of ``rng.permutation(C)``, and the
+    class-sorted list is shuffled with the same generator; rng is seeded with
+    ``sample_seed(seed, 0, stream)``, stream 2 (random) or 3 (equal)."""
+    rng = np.random.default_rng(sample_seed(seed, 0, LABEL_STREAMS[mode]))
+    if mode == "random":
+        return rng.integers(0, num_classes, size=n, dtype=np.int64)
+    q, r = divmod(n, num_classes)
+    counts = np.full(num_classes, q, dtype=np.int64)
+    counts[rng.permutation(num_classes)[:r]] += 1
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), counts)
+    return labels[rng.permutation(n)]

@@ -5,7 +5,7 @@ verified before training.
     python bench/bench_integrity.py                       # CPU: SiT-B/2, batch 4, digits shards
     python bench/bench_integrity.py --model SiT-XL/2 --batch-size 32 --device cuda
 
-1. Guard: ``train.DivergenceGuard.update`` (a few scalar kernels on the device, no host sync)
+1. Guard: ``training.monitor.DivergenceGuard.update`` (a few scalar kernels on the device, no host sync)
    against one SiT training step (forward + backward + clip + AdamW) of the same process. Both are
    timed as medians; the steps with and without the guard are interleaved so machine noise hits
    both alike.
@@ -34,7 +34,7 @@ from bench._machine import add_step_args, apply_threads, describe_machine
 from losses.interpolant import interpolate, sample_time, si_loss
 from models.sit import SiT_models
 from preprocessing.shards import hash_problems, read_manifest
-from train import DivergenceGuard
+from training.monitor import DivergenceGuard
 
 IMAGENET = 1_281_167
 
@@ -50,8 +50,8 @@ def bench_guard(args, device: torch.device) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(args.batch_size, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    run = SimpleNamespace(device=device, scaler=SimpleNamespace(is_enabled=lambda: args.fp16))
-    guard = DivergenceGuard(run, 0)
+    guard = DivergenceGuard(SimpleNamespace(device=device), 0, weights=list(model.parameters()),
+                            scaler_enabled=args.fp16, max_skips=1000, latest_checkpoint=lambda: None)
 
     def step(with_guard: bool) -> float:
         _sync(device)

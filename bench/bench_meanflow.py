@@ -4,7 +4,7 @@
     python bench/bench_meanflow.py                                   # CPU: SiT-B/2, batch 4
     python bench/bench_meanflow.py --model SiT-XL/2 --batch-size 32 --device cuda --precision bf16
 
-Each step is what train.py runs (:func:`losses.objective.training_losses` or
+Each step is what train.py runs (:func:`losses.terms.training_losses` or
 :func:`losses.meanflow.meanflow_losses`, backward, gradient clipping, AdamW) on random latents
 4x32x32 (SD-VAE at 256 px). SI and MeanFlow steps are interleaved so that machine noise hits both
 alike; medians are reported. A MeanFlow step is one JVP (primal + tangent, math attention) plus
@@ -26,7 +26,7 @@ import torch
 import runtime
 from bench._machine import add_step_args, apply_threads, describe_machine
 from losses import MeanFlowLoss, meanflow_batch, meanflow_losses
-from losses.objective import si_batch, training_losses
+from losses import si_batch, training_losses
 from models.sit import SiT_models
 
 

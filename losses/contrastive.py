@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .dispersive import DispersiveLoss, _check_variant, dispersive_loss
 from .interpolant import interpolate, sample_time
-from .objective import drop_labels
+from .interpolant import drop_labels
 
 NOISE_MODES = ("independent", "restricted")
 
@@ -97,7 +97,7 @@ def contrastive_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
 
     Both views of an image keep the same (possibly dropped) label. Draw order from
     ``generator``: label dropout, t1, [t2: independent draw, or the restricted offset], eps1, eps2.
-    Returns ``{x_t, t, y, target, x0, eps}`` like :func:`losses.objective.si_batch`.
+    Returns ``{x_t, t, y, target, x0, eps}`` like :func:`losses.interpolant.si_batch`.
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"unknown contrastive noise {noise!r}; choices: {', '.join(NOISE_MODES)}")

@@ -18,7 +18,7 @@ PATH_TYPES = ("linear", "cosine")
 TIME_SAMPLERS = ("uniform", "lognormal", "logit_normal")
 
 __all__ = ["PATH_TYPES", "TIME_SAMPLERS", "path_coefficients", "expand_t_like", "interpolate",
-           "sample_time", "si_loss"]
+           "sample_time", "si_loss", "drop_labels", "si_batch"]
 
 
 def _check_path(path_type: str) -> None:
@@ -145,3 +145,34 @@ def si_loss(pred: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, t: torch.Ten
                              f"got {tuple(weight.shape)}")
         per_sample = per_sample * weight.to(dtype)
     return {"loss": per_sample.mean(), "per_sample": per_sample}
+
+
+def drop_labels(y: torch.Tensor, num_classes: int, cfg_prob: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by the null label ``num_classes`` with probability ``cfg_prob``.
+
+    The uniform draw happens even when ``cfg_prob`` is 0, so the random stream (and therefore
+    every later draw) does not depend on the setting.
+    """
+    if not 0.0 <= cfg_prob <= 1.0:
+        raise ValueError(f"cfg_prob must be in [0, 1], got {cfg_prob}")
+    gdev = generator.device if generator is not None else y.device
+    drop = (torch.rand(y.shape[0], generator=generator, device=gdev) < cfg_prob).to(y.device)
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+def si_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, cfg_prob: float = 0.0,
+             path_type: str = "linear", time_sampler: str = "uniform", time_shift: float = 1.0,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A plain interpolant batch from clean latents ``x`` and labels ``y``.
+
+    Random numbers are drawn from ``generator`` in a fixed order: label dropout, t, eps.
+    Returns ``{x_t, t, y, target, x0, eps}`` with target = a'(t) x + s'(t) eps.
+    """
+    gdev = generator.device if generator is not None else x.device
+    y = drop_labels(y, num_classes, cfg_prob, generator)
+    t = sample_time(x.shape[0], time_sampler, path_type=path_type, shift=time_shift,
+                    generator=generator, device=gdev).to(x.device)
+    eps = torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
+    x_t, v = interpolate(x, eps, t, path_type)
+    return {"x_t": x_t, "t": t, "y": y, "target": v, "x0": x, "eps": eps}

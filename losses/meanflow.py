@@ -29,9 +29,8 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .dispersive import DispersiveLoss
-from .interpolant import expand_t_like, interpolate
-from .objective import (AlignmentTerm, add_alignment, add_dispersive, drop_labels,
-                        forward_with_features)
+from .interpolant import drop_labels, expand_t_like, interpolate
+from .terms import AlignmentTerm, add_alignment, add_dispersive, forward_with_features
 
 __all__ = ["MeanFlowLoss", "sample_meanflow_times", "guided_velocity", "average_velocity_jvp",
            "meanflow_target", "meanflow_loss", "meanflow_batch", "meanflow_losses"]

@@ -12,7 +12,7 @@ import torch
 from losses.contrastive import (ContrastiveLoss, contrastive_batch, contrastive_loss,
                                 positive_term, restricted_times)
 from losses.dispersive import VARIANTS
-from losses.objective import training_losses
+from losses.terms import training_losses
 from models.sit import SiT
 from tests.test_train import encode, run, train_cmd
 

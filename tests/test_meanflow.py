@@ -27,7 +27,7 @@ from losses import DispersiveLoss
 from losses.meanflow import (MeanFlowLoss, average_velocity_jvp, guided_velocity,
                              meanflow_batch, meanflow_loss, meanflow_losses, meanflow_target,
                              sample_meanflow_times)
-from losses.objective import training_losses
+from losses.terms import training_losses
 from models.sit import SiT, SiT_models
 from samplers import sample_meanflow, sample_noise, sample_ode
 

@@ -452,7 +452,7 @@ def test_ema_by_hand():
 
 @pytest.mark.parametrize("cfg_prob", [0.0, 0.2])
 def test_label_dropout_rate(cfg_prob):
-    from losses.objective import drop_labels
+    from losses.interpolant import drop_labels
     y = torch.randint(0, 10, (20000,), generator=torch.Generator().manual_seed(1))
     out = drop_labels(y, 10, cfg_prob, torch.Generator().manual_seed(2))
     dropped = (out == 10)
@@ -465,7 +465,7 @@ def test_label_dropout_rate(cfg_prob):
 def test_objective_terms_by_hand():
     """training_losses = SI + lambda * disp + coeff * proj, with SI the plain MSE to a' x + s' eps."""
     from losses import DispersiveLoss, dispersive_loss
-    from losses.objective import AlignmentTerm, si_batch, training_losses
+    from losses import AlignmentTerm, si_batch, training_losses
     from models.sit import SiT_models
     torch.manual_seed(0)
     m = SiT_models["SiT-S/2"](input_size=8, in_channels=3, num_classes=10, depth=2,
@@ -499,7 +499,7 @@ def test_objective_terms_by_hand():
 def test_every_size_and_patch_trains_one_step(name):
     """Each registered width/heads/patch (depth cut to 1 to keep CPU time small) takes an
     optimizer step on the real objective with finite gradients that change the weights."""
-    from losses.objective import si_batch, training_losses
+    from losses import si_batch, training_losses
     from models.sit import SiT_models
     torch.manual_seed(0)
     m = SiT_models[name](input_size=8, in_channels=4, num_classes=3, depth=1)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import UsageError, atomic_write_text  # noqa: E402
+from common import UsageError, atomic_write_text, cli_error  # noqa: E402
 from losses.dispersive import _sq_dists, dispersive_loss  # noqa: E402
 
 TIMES = (0.25, 0.5, 0.75)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="data/digits", help="shards of the real samples")
     p.add_argument("--csv", default=None, help="also write the numbers to this CSV file")
     args = p.parse_args(argv)
-    from generate import build_model, parse_args, resolve_run
+    from training import load_run
     from preprocessing.shards import ShardDataset, latents_from_raw
     try:
         ds = ShardDataset(args.data_dir)
@@ -72,12 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         eps = torch.randn(x.shape, generator=g)
         rows = []
         for run in args.runs:
-            # generate.py's own defaults: the model exactly as the run's config.json describes it
-            model = build_model(resolve_run(parse_args(["--ckpt", run])), "cpu")
+            model, _ = load_run(run, "cpu")  # exactly as the run's config.json describes it
             rows.append({"run": run, **model_spread(model, x, b["y"], eps)})
     except (UsageError, FileNotFoundError, ValueError) as e:
-        print(f"feature_spread.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli_error("feature_spread.py", e)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()

@@ -1,4 +1,5 @@
-"""Training from your own loop (notebooks, other codebases), with the same loss code as train.py.
+"""The library face: training from your own loop (notebooks, other codebases) with train.py's loss
+terms and random streams.
 
     from configs import get_training_config
     from training import train_with_dispersive_loss
@@ -17,42 +18,10 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from configs import TrainingConfig, resolve_dispersive_blocks
-from losses.contrastive import ContrastiveLoss, contrastive_batch
-from losses.dispersive import DispersiveLoss
-from losses.objective import si_batch, training_losses
-from common import mix_seed
+from configs import TrainingConfig
+from losses import training_losses
 
-
-def step_generator(seed: int, rank: int, step: int, micro: int,
-                   device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of micro-batch ``micro`` of optimizer step ``step`` on process ``rank``."""
-    return torch.Generator(torch.device(device)).manual_seed(mix_seed(seed, rank, step, micro))
-
-
-def dispersive_from_config(cfg: TrainingConfig, depth: int) -> DispersiveLoss | None:
-    """The :class:`DispersiveLoss` a config asks for: a :class:`ContrastiveLoss` with
-    ``contrastive`` set (same lambda / tau / blocks), None without either."""
-    if cfg.contrastive != "none":
-        return ContrastiveLoss(cfg.disp_lambda, cfg.disp_tau, cfg.contrastive,
-                               resolve_dispersive_blocks(cfg.disp_blocks, depth))
-    if not cfg.disp:
-        return None
-    return DispersiveLoss(cfg.disp_lambda, cfg.disp_tau, cfg.disp_variant,
-                          resolve_dispersive_blocks(cfg.disp_blocks, depth),
-                          gather=cfg.disp_gather)
-
-
-def noisy_batch(cfg: TrainingConfig, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The interpolant batch of clean ``x``: one noisy view per image, or two (2B rows) for the
-    contrastive baseline (:func:`losses.contrastive.contrastive_batch`)."""
-    common = dict(num_classes=num_classes, cfg_prob=cfg.cfg_prob, path_type=cfg.path_type,
-                  time_sampler=cfg.weighting, time_shift=cfg.time_shift, generator=generator)
-    if cfg.contrastive != "none":
-        return contrastive_batch(x, y, noise=cfg.contrastive_noise, delta=cfg.contrastive_delta,
-                                 **common)
-    return si_batch(x, y, **common)
+from .objective import dispersive_from_config, noisy_batch, step_generator
 
 
 def _as_config(train_config: TrainingConfig | dict | Any) -> TrainingConfig:
@@ -84,6 +53,10 @@ def train_with_dispersive_loss(model: nn.Module, dataloader: Iterable, optimizer
                                | None = None, num_classes: int | None = None) -> float:
     """One pass over ``dataloader`` with SI + dispersive loss (as configured); returns the mean
     total loss.
+
+    Deliberately leaves out what your loop owns: autocast, gradient accumulation, the fp16 grad
+    scaler, EMA, the LR schedule and checkpoints (train.py's :func:`training.loop.train_step`
+    has them); the batch, the loss terms and their random streams are train.py's.
 
     Batches are ``(x, y)`` tuples or dicts with ``x``/``y`` (a :class:`ShardLoader`'s). With
     ``to_latents`` (e.g. ``ShardLoader.to_latents`` for ``output="raw"``) x is sampled from the

@@ -1,6 +1,6 @@
-"""The training objective shared by train.py and the Python API: build a noisy batch, run the model
-once, and return the named loss terms. The loop only weights and sums them (already done here in
-``loss``); nothing in this module keeps state.
+"""Named loss terms of one forward pass: the denoising term plus the weighted regularisers
+(dispersive / contrastive, REPA alignment). Pure functions; what a run optimises -- which batch,
+which terms, with which generator -- is composed in :mod:`training.objective`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .alignment import alignment_loss
 from .dispersive import DispersiveLoss
-from .interpolant import interpolate, sample_time, si_loss
+from .interpolant import si_loss
 
 
 @dataclass(frozen=True)
@@ -23,37 +23,6 @@ class AlignmentTerm:
     tau: float = 0.7
     k: float = 20.0
     spatial_norm_gamma: float | None = None  # iREPA's gamma; None: plain REPA targets
-
-
-def drop_labels(y: torch.Tensor, num_classes: int, cfg_prob: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each label by the null label ``num_classes`` with probability ``cfg_prob``.
-
-    The uniform draw happens even when ``cfg_prob`` is 0, so the random stream (and therefore
-    every later draw) does not depend on the setting.
-    """
-    if not 0.0 <= cfg_prob <= 1.0:
-        raise ValueError(f"cfg_prob must be in [0, 1], got {cfg_prob}")
-    gdev = generator.device if generator is not None else y.device
-    drop = (torch.rand(y.shape[0], generator=generator, device=gdev) < cfg_prob).to(y.device)
-    return torch.where(drop, torch.full_like(y, num_classes), y)
-
-
-def si_batch(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, cfg_prob: float = 0.0,
-             path_type: str = "linear", time_sampler: str = "uniform", time_shift: float = 1.0,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """A plain interpolant batch from clean latents ``x`` and labels ``y``.
-
-    Random numbers are drawn from ``generator`` in a fixed order: label dropout, t, eps.
-    Returns ``{x_t, t, y, target, x0, eps}`` with target = a'(t) x + s'(t) eps.
-    """
-    gdev = generator.device if generator is not None else x.device
-    y = drop_labels(y, num_classes, cfg_prob, generator)
-    t = sample_time(x.shape[0], time_sampler, path_type=path_type, shift=time_shift,
-                    generator=generator, device=gdev).to(x.device)
-    eps = torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
-    x_t, v = interpolate(x, eps, t, path_type)
-    return {"x_t": x_t, "t": t, "y": y, "target": v, "x0": x, "eps": eps}
 
 
 def forward_with_features(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
@@ -104,7 +73,7 @@ def training_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, depth: 
                     align: AlignmentTerm | None = None,
                     align_targets: Sequence[torch.Tensor] | None = None
                     ) -> dict[str, torch.Tensor]:
-    """One forward pass of ``model`` on ``batch`` (from :func:`si_batch` or
+    """One forward pass of ``model`` on ``batch`` (from :func:`~losses.interpolant.si_batch` or
     :func:`~losses.stablevm.build_stablevm_batch`) and the named terms.
 
     Returns ``{'loss': total, 'si': ..., ['disp': unweighted dispersive, 'proj': unweighted
