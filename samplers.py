@@ -449,17 +449,21 @@ def sample_meanflow(model: nn.Module, shape: Sequence[int], *, num_steps: int = 
 SAMPLERS = {"ode": sample_ode, "sde": sample_sde, "meanflow": sample_meanflow}
 
 
-def sample(model: nn.Module, shape: Sequence[int], mode: str = "ode", *, num_steps: int,
+def sample(model: nn.Module, shape: Sequence[int], mode: str = "ode", *,
+           num_steps: int | None = None,
            y: torch.Tensor | None = None, seed: int = 0, indices: IndexLike | None = None,
            cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
            heun: bool = False, path_type: str = "linear", **kwargs: Any) -> torch.Tensor:
     """Latents from the sampler of ``mode``: :func:`sample_ode` ('ode'), :func:`sample_sde`
     ('sde') or :func:`sample_meanflow` ('meanflow'). The one selection used by generate.py and by
     training's sample grids and online evaluation. A MeanFlow model's guidance is part of its
-    training, so 'meanflow' takes no sampling guidance, Heun step or path (they are not used)."""
+    training, so 'meanflow' takes no sampling guidance, Heun step or path (they are not used).
+    ``num_steps`` None: the sampler's own default."""
     if mode not in SAMPLERS:
         raise ValueError(f"unknown sampling mode {mode!r}: one of {', '.join(SAMPLERS)}")
-    common = dict(num_steps=num_steps, y=y, seed=seed, indices=indices, **kwargs)
+    common = dict(y=y, seed=seed, indices=indices, **kwargs)
+    if num_steps is not None:
+        common["num_steps"] = num_steps
     if mode == "meanflow":
         return sample_meanflow(model, shape, **common)
     return SAMPLERS[mode](model, shape, cfg_scale=cfg_scale, guidance_low=guidance_low,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import ablate
-from tests.test_train import REPO, encode
+from tests.conftest import REPO, encode
 
 TINY = ("--preset digits --max-train-steps 4 --checkpointing-steps 2 --depth 2 --hidden-size 32 "
         "--num-heads 2 --batch-size 32")

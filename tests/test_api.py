@@ -11,7 +11,7 @@ import torch
 
 import runtime
 
-from tests.test_train import REPO, TINY, encode, read_log, run, train_cmd
+from tests.conftest import REPO, TINY, encode, read_log, run, train_cmd
 
 
 @pytest.fixture(scope="module")

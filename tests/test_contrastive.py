@@ -14,7 +14,7 @@ from losses.contrastive import (ContrastiveLoss, contrastive_batch, contrastive_
 from losses.dispersive import VARIANTS
 from losses.terms import training_losses
 from models.sit import SiT
-from tests.test_train import encode, run, train_cmd
+from tests.conftest import encode, run, train_cmd
 
 T = torch.tensor
 

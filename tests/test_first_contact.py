@@ -3,16 +3,18 @@ in messages, iREPA checkpoints of StableVelocity, the start-up summary and the r
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_train import REPO, encode, read_log, run, train_cmd
+from tests.conftest import REPO, encode, read_log, run, train_cmd
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,8 @@ def test_launcher_and_flag_that_disagree_stop_before_anything_is_written(digits8
 
 def test_launcher_precision_resolution(monkeypatch):
     from configs import TrainingConfig
-    from train import UsageError, resolve_precision
+    from common import UsageError
+    from training.resolve import resolve_precision
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # launcher default: defers to flag
     cfg = TrainingConfig(mixed_precision="bf16")
     resolve_precision(cfg, {"mixed_precision"})
@@ -102,9 +105,9 @@ def test_wandb_offline_writes_under_the_run_dir_with_sample_images(digits8, tmp_
     cwd.mkdir()
     cmd = train_cmd(digits8, tmp_path / "out", *GRID_ARGS)
     cmd[cmd.index("--report-to") + 1] = "wandb"
-    from tests.test_train import _env
+    from tests.conftest import script_env
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                       env=_env({"WANDB_MODE": "offline", "WANDB_SILENT": "true"}), timeout=600)
+                       env=script_env({"WANDB_MODE": "offline", "WANDB_SILENT": "true"}), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert list(cwd.iterdir()) == []  # nothing in the current directory
     runs = list((tmp_path / "out" / "run" / "logs" / "wandb").glob("offline-run-*"))
@@ -155,8 +158,11 @@ def test_messages_name_commands_that_exist():
     messages = _messages()
     commands = [c for m in messages for c in _commands(m)]
     assert len(commands) == len(messages), messages  # each message names one
+    # pip puts console scripts next to the interpreter (a venv's bin/), which need not be on PATH
+    # when the tests run as `venv/bin/python -m pytest` without an activated venv
+    scripts = os.pathsep.join([sysconfig.get_path("scripts"), str(Path(sys.executable).parent)])
     for program, sub in commands:
-        exe = shutil.which(program)
+        exe = shutil.which(program, path=scripts) or shutil.which(program)
         assert exe, f"message names `{program}`, which is not installed"
         p = subprocess.run([exe, sub, "--help"], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, f"`{program} {sub} --help` failed: {p.stderr[-500:]}"
@@ -214,17 +220,15 @@ def test_projector_kwargs_of_repa_mlp_and_linear():
 
 
 def test_generate_builds_an_irepa_checkpoint_without_flags(tmp_path):
-    import generate
+    from training.load import build_model, resolve_run
     src = _irepa_model(0).state_dict()
     theirs = {re.sub(r"^(projectors\.\d+)\.proj\.", r"\1.conv.", k): v for k, v in src.items()}
     torch.save({"ema": theirs}, tmp_path / "irepa.pt")
-    args = generate.parse_args(["--ckpt", str(tmp_path / "irepa.pt"), "--model", "SiT-S/2",
-                                "--vae", "none", "--resolution", "8", "--num-classes", "10",
-                                "--encoder-depth", "1"])
-    run_ = generate.resolve_run(args)
+    run_ = resolve_run(str(tmp_path / "irepa.pt"), model="SiT-S/2", vae="none", resolution=8,
+                       num_classes=10, encoder_depth=1)
     run_["size"].update(depth=2, hidden_size=32, num_heads=2)
     run_["in_channels"] = 4
-    model = generate.build_model(run_, "cpu")
+    model = build_model(run_, "cpu")
     for k, v in model.state_dict().items():
         assert torch.equal(v, src[k]), k
 

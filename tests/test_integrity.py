@@ -11,11 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from tests.test_train import REPO, _env, encode, read_log, run, train_cmd
+from tests.conftest import REPO, encode, read_log, run, script_env, train_cmd
 
 DIVERGE = ["--learning-rate", "1e6", "--max-grad-norm", "0", "--log-every", "12",
            "--checkpointing-steps", "4", "--max-train-steps", "12"]
@@ -86,7 +85,7 @@ def test_fp16_divergence_stops_after_consecutive_skips_with_valid_log(digits8, t
 
 
 def test_json_safe_and_guard_counters():
-    from train import json_safe
+    from training.monitor import json_safe
     assert json_safe({"a": math.nan, "b": math.inf, "c": 1.5, "d": "x"}) == \
         {"a": None, "b": None, "c": 1.5, "d": "x"}
 
@@ -296,9 +295,9 @@ def test_encode_rerun_on_damaged_dir_says_what_it_did(digits8, tmp_path):
     _flip_bytes(data / "shard-00001.safetensors", 5000)
     cmd = [sys.executable, str(REPO / "preprocessing" / "encode.py"), "--source", "digits",
            "--dest", str(data), "--resolution", "8", "--vae", "none"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=script_env(), check=True)
     assert "nothing to do" not in p.stdout and "re-encoded 1 missing or damaged shard" in p.stdout
     assert (data / "shard-00001.safetensors").read_bytes() == \
         (digits8 / "shard-00001.safetensors").read_bytes()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=script_env(), check=True)
     assert "nothing to do" in p.stdout

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train import (REPO, assert_same_run, digits32_images, encode,  # noqa: F401
-                              kill_then_resume, read_log, run, tiny_dinov2, train_cmd)
+from tests.conftest import (REPO, assert_same_run, encode, kill_then_resume, read_log, run,
+                            train_cmd)
 
 MF = ["--loss-type", "meanflow"]
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train import (REPO, assert_same_run, encode, kill_then_resume, run,
-                              train_cmd)
+from tests.conftest import (REPO, assert_same_run, encode, kill_then_resume, run,
+                            train_cmd)
 
 EVAL = ["--eval-every", "2", "--eval-samples", "20", "--eval-num-steps", "3"]
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 import samplers
-from samplers import (StepNoise, decode_latents, images_to_uint8, sample, sample_noise,
-                      sample_ode, sample_sde, score_from_velocity, velocity_with_cfg)
+from samplers import (StepNoise, decode_latents, images_to_uint8, latents_to_uint8, sample,
+                      sample_noise, sample_ode, sample_sde, score_from_velocity, velocity_with_cfg)
 
 SIGMA = 0.5
 
@@ -501,14 +501,18 @@ def test_decode_with_vae():
     model, vae = GaussianFlow(make_mus(3, (4, 2, 2))), FakeVAE()
     y = labels(3, 3)
     scale, bias = torch.tensor([0.2, 0.3, 0.4, 0.5]), torch.tensor([0.1, -0.1, 0.0, 0.2])
-    res = sample_ode(model, (3, 4, 2, 2), num_steps=4, y=y, vae=vae, latent_scale=scale,
-                     latent_bias=bias)
-    assert set(res) == {"latents", "images"}
     lat = sample_ode(model, (3, 4, 2, 2), num_steps=4, y=y)
-    assert torch.equal(res["latents"], lat)
+    assert isinstance(lat, torch.Tensor) and lat.dtype == torch.float32  # samplers return latents
     raw = (lat - bias.view(1, 4, 1, 1)) / scale.view(1, 4, 1, 1)
-    torch.testing.assert_close(res["images"], vae.decode(raw).sample.clamp(-1, 1))
-    assert res["images"].shape == (3, 3, 4, 4) and res["images"].dtype == torch.float32
+    want = vae.decode(raw).sample.clamp(-1, 1)
+    torch.testing.assert_close(decode_latents(vae, lat, scale, bias), want)
+    # the one place latents become images: decoded, ADM's uint8 conversion, NHWC
+    px = latents_to_uint8(lat, vae, scale, bias)
+    assert px.shape == (3, 4, 4, 3) and px.dtype == torch.uint8
+    assert torch.equal(px, (127.5 * want + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    # without a VAE the latents are pixels in [-1, 1]; one channel is repeated to RGB
+    one = torch.tensor([[-2.0, -1.0], [0.0, 0.6]]).view(1, 1, 2, 2)
+    assert latents_to_uint8(one).tolist() == [[[[0] * 3, [0] * 3], [[128] * 3, [204] * 3]]]
     torch.testing.assert_close(decode_latents(vae, lat, 0.5, 0.25),
                                vae.decode((lat - 0.25) / 0.5).sample.clamp(-1, 1))
     px = images_to_uint8(torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 2.0]).view(1, 3, 1, 2))

@@ -8,129 +8,14 @@ import os
 import pickle
 import random
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
-        "--batch-size", "32", "--learning-rate", "1e-3", "--log-every", "1",
-        "--checkpointing-steps", "3", "--report-to", "none", "--sampling-steps", "0",
-        "--num-sample-images", "4", "--sample-num-steps", "2", "--ema-decay", "0.9",
-        "--cfg-prob", "0.2"]
-LOSS_KEYS = ("loss", "si", "disp", "proj", "grad_norm")
-
-
-def _env(extra: dict | None = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    env.update(extra or {})
-    return env
-
-
-def encode(dest: Path, res: int, *extra: str) -> Path:
-    subprocess.run([sys.executable, str(REPO / "preprocessing" / "encode.py"), "--source",
-                    "digits", "--dest", str(dest), "--resolution", str(res), "--vae", "none",
-                    *extra], check=True, capture_output=True, env=_env())
-    return dest
-
-
-@pytest.fixture(scope="module")
-def digits8(tmp_path_factory) -> Path:
-    return encode(tmp_path_factory.mktemp("d8") / "digits", 8, "--hflip")
-
-
-@pytest.fixture(scope="module")
-def digits32_images(tmp_path_factory) -> Path:
-    return encode(tmp_path_factory.mktemp("d32") / "digits", 32, "--store-images", "--hflip")
-
-
-@pytest.fixture(scope="module")
-def tiny_dinov2(tmp_path_factory) -> Path:
-    """A DINOv2 ViT-S/14 with random weights saved where --encoder-weights-dir finds it."""
-    import timm
-    from safetensors.torch import save_file
-    with torch.device("meta"):
-        m = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False,
-                              num_classes=0, img_size=224)
-    m = m.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0 if (p.ndim == 1 and "norm" in n and n.endswith(".weight")) else 0.0,
-                      0.02, generator=g)
-    d = tmp_path_factory.mktemp("enc")
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()},
-              str(d / "vit_small_patch14_dinov2.lvd142m.safetensors"))
-    return d
-
-
-def train_cmd(data: Path, out: Path, *args: str, nproc: int = 1) -> list[str]:
-    head = [sys.executable, str(REPO / "train.py")]
-    if nproc > 1:
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(random.randint(20000, 40000)), str(REPO / "train.py")]
-    return head + ["--data-dir", str(data), "--output-dir", str(out), "--exp-name", "run",
-                   *TINY, *args]
-
-
-def run(cmd: list[str], env: dict | None = None, check: bool = True, timeout: int = 600
-        ) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=timeout,
-                       cwd=REPO)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}\nexit {p.returncode}\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-5000:]}")
-    return p
-
-
-def read_log(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "log.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = {k: rec[k] for k in LOSS_KEYS if k in rec}
-    return out
-
-
-def kill_then_resume(cmd: list[str], run_dir: Path, kill_step: int | None,
-                     env: dict | None = None, resume_cmd: list[str] | None = None) -> None:
-    """Start ``cmd``, SIGKILL its process group once the log reaches ``kill_step`` (None: the
-    command dies by itself, e.g. by a fault injected with tests/fault.py), then resume to the
-    end with ``resume_cmd`` (default: ``cmd``)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_env(env), cwd=REPO, start_new_session=True)
-    log = run_dir / "log.jsonl"
-    try:
-        if kill_step is not None:
-            deadline = time.time() + 300
-            while time.time() < deadline and proc.poll() is None:
-                if log.is_file() and len(log.read_text().splitlines()) >= kill_step:
-                    break
-                time.sleep(0.02)
-            assert proc.poll() is None, f"run ended before step {kill_step}: {proc.stderr.read()}"
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0, "the interrupted run was not interrupted"
-    run((resume_cmd or cmd) + ["--resume", "latest"])
-
-
-def assert_same_run(ref: Path, resumed: Path, steps: int) -> None:
-    a, b = read_log(ref), read_log(resumed)
-    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
-    for s in a:
-        assert a[s] == b[s], f"step {s}: {a[s]} != {b[s]}"
-    final = f"checkpoints/step-{steps:07d}"
-    for f in (f"{final}/model.safetensors", f"{final}/ema.safetensors", "ema.safetensors"):
-        assert (ref / f).read_bytes() == (resumed / f).read_bytes(), f
-    assert not list((resumed / "checkpoints").glob(".tmp-*"))
-
+from tests.conftest import (REPO, assert_same_run, encode, kill_then_resume,
+                            read_log, run, train_cmd)
 
 # ----------------------------------------------------------------------------------------------
 # Exact resume.
