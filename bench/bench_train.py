@@ -86,11 +86,46 @@ def run_ours(args, data: Path, out: Path, enc_dir: Path | None
     return [r["img_per_s"] for r in recs[1:]], [r["mfu"] for r in recs[1:] if "mfu" in r]
 
 
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return torch.mean(x, dim=list(range(1, len(x.size()))))
+
+
+@torch.no_grad()
+def _repa_update_ema(ema_model, m, accelerator, decay: float = 0.9999) -> None:
+    """REPA's EMA update: a Python loop over named parameters."""
+    ema_params = OrderedDict(ema_model.named_parameters())
+    for name, param in accelerator.unwrap_model(m).named_parameters():
+        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+
+def _repa_loss(m, x, y, zs, num_classes: int, device):
+    """REPA's SILoss: denoising and projection terms, a Python loop over samples for the latter."""
+    import torch.nn.functional as F
+    t = torch.rand((x.shape[0], 1, 1, 1), device=device)
+    noises = torch.randn_like(x)
+    x_t = (1 - t) * x + t * noises
+    target = noises - x
+    drop = torch.rand(y.shape[0], device=device) < 0.1  # REPA drops labels in the embedder
+    y = torch.where(drop, torch.full_like(y, num_classes), y)
+    out = m(x_t, t.flatten(), y, return_proj=bool(zs))
+    pred, zs_tilde = (out[0], out[1]["proj"]) if zs else (out, [])
+    denoising_loss = _mean_flat((pred - target) ** 2)
+    proj_loss = torch.zeros((), device=device)
+    bsz = x.shape[0]
+    for z, z_tilde in zip(zs, zs_tilde):
+        for z_j, z_tilde_j in zip(z, z_tilde):
+            z_tilde_j = F.normalize(z_tilde_j, dim=-1)
+            z_j = F.normalize(z_j, dim=-1)
+            proj_loss = proj_loss + _mean_flat(-(z_j * z_tilde_j).sum(dim=-1))
+    if zs:
+        proj_loss = proj_loss / (len(zs) * bsz)
+    return denoising_loss, proj_loss
+
+
 def run_repa_style(args, data: Path, enc_dir: Path | None) -> list[float]:
     """REPA's loop, step for step (see the module docstring); returns img/s of each timed step."""
     import copy
 
-    import torch.nn.functional as F
     from accelerate import Accelerator
 
     from losses.alignment import align_tokens
@@ -119,36 +154,6 @@ def run_repa_style(args, data: Path, enc_dir: Path | None) -> list[float]:
                             eps=1e-8)
     model, opt = accelerator.prepare(model, opt)
 
-    def mean_flat(x):
-        return torch.mean(x, dim=list(range(1, len(x.size()))))
-
-    @torch.no_grad()
-    def update_ema(ema_model, m, decay=0.9999):  # REPA's: a Python loop over named parameters
-        ema_params = OrderedDict(ema_model.named_parameters())
-        for name, param in accelerator.unwrap_model(m).named_parameters():
-            ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
-
-    def loss_fn(m, x, y, zs):
-        t = torch.rand((x.shape[0], 1, 1, 1), device=device)
-        noises = torch.randn_like(x)
-        x_t = (1 - t) * x + t * noises
-        target = noises - x
-        drop = torch.rand(y.shape[0], device=device) < 0.1  # REPA drops labels in the embedder
-        y = torch.where(drop, torch.full_like(y, ds.num_classes), y)
-        out = m(x_t, t.flatten(), y, return_proj=bool(zs))
-        pred, zs_tilde = (out[0], out[1]["proj"]) if zs else (out, [])
-        denoising_loss = mean_flat((pred - target) ** 2)
-        proj_loss = torch.zeros((), device=device)
-        bsz = x.shape[0]
-        for z, z_tilde in zip(zs, zs_tilde):
-            for z_j, z_tilde_j in zip(z, z_tilde):
-                z_tilde_j = F.normalize(z_tilde_j, dim=-1)
-                z_j = F.normalize(z_j, dim=-1)
-                proj_loss = proj_loss + mean_flat(-(z_j * z_tilde_j).sum(dim=-1))
-        if zs:
-            proj_loss = proj_loss / (len(zs) * bsz)
-        return denoising_loss, proj_loss
-
     times = []
     data_iter = iter(loader)
     for step in range(args.window * (args.windows + 1)):
@@ -165,14 +170,14 @@ def run_repa_style(args, data: Path, enc_dir: Path | None) -> list[float]:
                 zs = [align_tokens(enc(imgs), 16) for enc in encoders]
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                loss, proj_loss = loss_fn(model, x, y, zs)
+                loss, proj_loss = _repa_loss(model, x, y, zs, ds.num_classes, device)
             loss_mean, proj_mean = loss.mean(), proj_loss.mean()
             total = loss_mean + 0.5 * proj_mean
             accelerator.backward(total)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            update_ema(ema, model)
+            _repa_update_ema(ema, model, accelerator)
         logs = {"loss": accelerator.gather(loss_mean).mean().detach().item(),
                 "proj_loss": accelerator.gather(proj_mean).mean().detach().item(),
                 "grad_norm": accelerator.gather(grad_norm).mean().detach().item()}
