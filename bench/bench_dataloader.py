@@ -57,6 +57,7 @@ import torch
 
 import common
 from bench._machine import BackgroundLoad, describe_machine
+from common import cli_error
 from preprocessing import shards as fmt
 
 CHANNELS, HEIGHT, WIDTH = 4, 32, 32          # SD-VAE latents of 256x256 images
@@ -215,7 +216,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     shard_dir, file_dir = work / "shards", work / "perfile" / "vae-sd"
     problems = fmt.verify(shard_dir, check_hashes=False)
     if problems:
-        raise SystemExit("the benchmark shards do not verify:\n  " + "\n  ".join(problems))
+        sys.exit(cli_error("bench_dataloader.py", "the benchmark shards do not verify:\n  "
+                           + "\n  ".join(problems)))
     return shard_dir, file_dir, info
 
 

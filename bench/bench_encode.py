@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # `python bench/bench_encode.py` puts bench/ on t
 import torch
 
 from bench._machine import BackgroundLoad, describe_machine
+from common import cli_error
 
 REPO = Path(__file__).resolve().parent.parent
 ENCODE = REPO / "preprocessing" / "encode.py"
@@ -112,7 +113,7 @@ def run(name: str, cmd: list[str], dest: Path, timeout: float) -> dict[str, Any]
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         print(out[-4000:])
-        raise SystemExit(f"[{name}] exited with status {proc.returncode}")
+        sys.exit(cli_error("bench_encode.py", f"[{name}] exited with status {proc.returncode}"))
     ranks = {int(m[1]): {"images": int(m[2]), "seconds": float(m[3]), "img_s": float(m[4])}
              for m in RANK_LINE.finditer(out)}
     for line in out.splitlines():
