@@ -1,5 +1,6 @@
 """Runtime switches, applied in one place and logged: TF32, autocast dtype, SDPA backend, fused
-AdamW, compile. Nothing here runs at import time; scripts call :func:`configure` once.
+AdamW, compile. Nothing here runs at import time; a script calls :func:`configure` (training)
+or :func:`configure_reproducible` (encoding) once.
 
 torch >= 2.9 has two APIs for the TF32 switches (legacy ``allow_tf32`` /
 ``set_float32_matmul_precision`` and the per-backend ``fp32_precision``) and refuses to *read* one
@@ -39,15 +40,31 @@ def configure(device: torch.device, allow_tf32: bool = True, precision: str = "n
               compile: bool = False) -> dict:
     """Set the process-wide numerics switches once and return a description for the run log."""
     autocast_dtype(precision)  # validate
-    if device.type == "cuda":
-        # Legacy API on purpose: it is what accelerate, timm and most user code read.
-        torch.backends.cuda.matmul.allow_tf32 = bool(allow_tf32)
-        torch.backends.cudnn.allow_tf32 = bool(allow_tf32)
+    _set_tf32(device, allow_tf32)
     sdpa = "flash/mem-efficient/math (torch picks)" if device.type == "cuda" else "math/cpu-flash"
     return {"device": str(device), "tf32": bool(allow_tf32) and device.type == "cuda",
             "autocast": precision, "grad_scaler": precision == "fp16", "sdpa": sdpa,
             "compile": bool(compile), "fused_adamw": fused_adamw_available(device),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def configure_reproducible(device: torch.device, cpu_threads: int) -> None:
+    """Set the switches for bit-reproducible output whatever the number of processes (used by
+    preprocessing/encode.py): no TF32, no autotuned or nondeterministic cuDNN kernels, and on the
+    CPU a fixed thread count, since CPU kernels round differently with different thread counts."""
+    _set_tf32(device, False)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads)
+
+
+def _set_tf32(device: torch.device, allow_tf32: bool) -> None:
+    """The one place that writes the TF32 switches (cuBLAS matmuls and cuDNN convolutions)."""
+    if device.type == "cuda":
+        # Legacy API on purpose: it is what accelerate, timm and most user code read.
+        torch.backends.cuda.matmul.allow_tf32 = bool(allow_tf32)
+        torch.backends.cudnn.allow_tf32 = bool(allow_tf32)
 
 
 def fused_adamw_available(device: torch.device) -> bool:
