@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python preprocessing/encode.py` puts preprocessing/ on the path
@@ -29,11 +30,14 @@ if __package__ in (None, ""):  # `python preprocessing/encode.py` puts preproces
 import numpy as np
 import torch
 
-from common import atomic_write_json, mix_seed, sha256_file, with_default_command
+import runtime
+from common import (UsageError, atomic_write_json, cli_error, mix_seed, sha256_file,
+                    with_default_command)
 from preprocessing import shards as fmt
 from preprocessing.sources import CroppedItems, SourceError, collate_list, open_source
 from models.vae import encode_moments, load_vae
 
+PROG = "encode.py"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
@@ -133,7 +137,8 @@ def _config_diff(old: dict, new: dict) -> list[str]:
 def check_dest(dest: Path, config: dict, overwrite: bool, is_main: bool) -> dict | None:
     """Validate ``dest`` against ``config``; return the finished manifest if one matches.
 
-    Every process runs the checks (so all refuse together); only the main process deletes.
+    Every process runs the checks (so all refuse together, with :class:`UsageError`); only the
+    main process deletes.
     """
     manifest_path = dest / fmt.MANIFEST
     cfg_path = dest / fmt.PROGRESS_DIR / "config.json"
@@ -145,13 +150,13 @@ def check_dest(dest: Path, config: dict, overwrite: bool, is_main: bool) -> dict
     has_shards = any(dest.glob(fmt.SHARD_GLOB)) if dest.is_dir() else False
     problem = None
     if old is not None and old != config:
-        problem = ("holds shards of a different configuration:\n  " +
-                   "\n  ".join(_config_diff(old, config)))
+        problem = ("holds shards of a different configuration (" +
+                   "; ".join(_config_diff(old, config)) + ")")
     elif old is None and has_shards:
         problem = "holds shard files of unknown configuration (no manifest.json or .progress/)"
     if problem and not overwrite:
-        raise SystemExit(f"error: --dest {dest} {problem}\n"
-                         "Choose another --dest, or pass --overwrite to delete those shards.")
+        raise UsageError(f"--dest {dest} {problem}; choose another --dest, or pass "
+                         "--overwrite to delete those shards")
     if problem and is_main:
         for f in list(dest.glob(fmt.SHARD_GLOB)) + list(dest.glob(".shard-*")):
             f.unlink()
@@ -264,24 +269,25 @@ def _versions() -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.command == "verify":
-        return verify(args)
-    from accelerate import PartialState
+# ----------------------------------------------------------------------------------------------
+# The steps of an encode run, in order: inputs and settings, destination, plan, shards, manifest.
 
-    # On a machine without CUDA, accelerate only forms a multi-process (gloo) group with cpu=True.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    is_main = state.is_main_process
-    device = state.device
-    # Bit-reproducible encoding: no autotuned or TF32 kernels.
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    if device.type == "cpu":
-        torch.set_num_threads(args.cpu_threads)
+@dataclass(frozen=True)
+class Layout:
+    """What one stored sample is: the tensor name and the latent channels and size."""
 
+    key: str              # "moments" (mean then std, 2C channels) or "latents" (C channels)
+    channels: int
+    hw: tuple[int, int]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (2 * self.channels if self.key == "moments" else self.channels,) + self.hw
+
+
+def open_inputs(args: argparse.Namespace, state) -> tuple:
+    """The source and the VAE (None for pixels, with its identity); a source or VAE the user
+    must fix raises :class:`UsageError` in every process."""
     try:
         source = open_source(args.source, args.source_type, args.resolution,
                              image_column=args.image_column, label_column=args.label_column,
@@ -289,41 +295,47 @@ def main(argv: list[str] | None = None) -> int:
         vae, vae_ident = None, None
         if args.vae is not None:
             with state.main_process_first():
-                vae, vae_ident = load_vae(args.vae, device)
+                vae, vae_ident = load_vae(args.vae, state.device)
     except (SourceError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
+    return source, vae, vae_ident
 
-    dest = Path(args.dest)
-    if vae is None:
-        key, channels, down = "latents", 3, 1
-        default_scale = 1.0
+
+def resolve_settings(args: argparse.Namespace, source, vae_ident: dict | None
+                     ) -> tuple[Layout, dict]:
+    """The stored layout and the configuration recorded in (and required of) ``--dest``."""
+    if vae_ident is None:
+        key, channels, down, default_scale = "latents", 3, 1, 1.0
     else:
         key = "moments" if args.store == "moments" else "latents"
         channels, down = vae_ident["latent_channels"], vae_ident["downsample"]
         default_scale = vae_ident["scaling_factor"]
         if args.resolution % down:
-            print(f"error: --resolution {args.resolution} is not a multiple of the VAE's "
-                  f"downsampling factor {down}", file=sys.stderr)
-            return 2
-    hw = (args.resolution // down, args.resolution // down)
-    sample_shape = ((2 * channels if key == "moments" else channels),) + hw
+            raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's "
+                             f"downsampling factor {down}")
+    layout = Layout(key, channels, (args.resolution // down, args.resolution // down))
     config = {
         "format_version": fmt.FORMAT_VERSION, "source": source.describe(),
         "resolution": args.resolution, "crop": "adm",
         "vae": None if vae_ident is None else {"vae": vae_ident["vae"],
                                                 "revision": vae_ident["revision"]},
-        "store": "pixels" if vae is None else args.store, "dtype": args.dtype,
+        "store": "pixels" if vae_ident is None else args.store, "dtype": args.dtype,
         "hflip": args.hflip, "store_images": args.store_images, "shard_size": args.shard_size,
         "max_images": args.max_images, "seed": args.seed, "shuffle": args.shuffle,
         "latent_scale": default_scale if args.latent_scale is None else args.latent_scale,
         "latent_bias": args.latent_bias,
     }
-    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return layout, config
 
+
+def prepare_dest(dest: Path, config: dict, overwrite: bool, state) -> dict | None:
+    """Check ``dest`` (:func:`check_dest`), then, in the main process, make .progress/, remove
+    the temp files of a killed run and record the configuration. Returns the finished manifest
+    of the same configuration, if there is one."""
+    is_main = state.is_main_process
     if is_main:
         print("encode config:\n" + json.dumps(config, indent=1, sort_keys=True), flush=True)
-    old_manifest = check_dest(dest, config, args.overwrite, is_main)
+    old_manifest = check_dest(dest, config, overwrite, is_main)
     if is_main:
         (dest / fmt.PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
         for stale in dest.glob(".shard-*.tmp-*"):  # debris of a killed run
@@ -331,44 +343,57 @@ def main(argv: list[str] | None = None) -> int:
         if old_manifest is None:
             atomic_write_json(dest / fmt.PROGRESS_DIR / "config.json", config)
     state.wait_for_everyone()
+    return old_manifest
 
-    # The plan: which source items go to which shard. Identical in every process.
-    n_src = len(source)
-    order = (np.random.default_rng(args.seed).permutation(n_src) if args.shuffle
-             else np.arange(n_src))
+
+def plan_shards(args: argparse.Namespace, num_items: int, dest: Path,
+                old_manifest: dict | None, state) -> tuple[int, np.ndarray, list[tuple]]:
+    """Which source items go to which shard, identical in every process: the shard count, the
+    items this process encodes (its unfinished shards, concatenated) and the batches, each
+    ``(shard, positions into those items, last batch of the shard?)``."""
+    order = (np.random.default_rng(args.seed).permutation(num_items) if args.shuffle
+             else np.arange(num_items))
     if args.max_images is not None:
         order = order[:args.max_images]
     num_shards = math.ceil(len(order) / args.shard_size)
+    shard_items = [order[s * args.shard_size:(s + 1) * args.shard_size]
+                   for s in range(num_shards)]
     mine = [s for s in range(num_shards) if s % state.num_processes == state.process_index]
     todo = [s for s in mine if finished_record(dest, s, old_manifest) is None]
 
-    positions = np.concatenate([order[s * args.shard_size:(s + 1) * args.shard_size]
-                                for s in todo]) if todo else np.empty(0, dtype=np.int64)
-    plan = []  # one entry per batch: (shard, positions into `positions`, last batch of shard?)
+    positions = (np.concatenate([shard_items[s] for s in todo]) if todo
+                 else np.empty(0, dtype=np.int64))
+    batches = []
     k = 0
     for s in todo:
-        n = len(order[s * args.shard_size:(s + 1) * args.shard_size])
+        n = len(shard_items[s])
         for a in range(0, n, args.batch_size):
             b = min(a + args.batch_size, n)
-            plan.append((s, list(range(k + a, k + b)), b == n))
+            batches.append((s, list(range(k + a, k + b)), b == n))
         k += n
     print(f"[rank {state.process_index}/{state.num_processes}] {len(mine) - len(todo)} of "
           f"{len(mine)} shards already finished, encoding {len(todo)} ({len(positions)} images)",
           flush=True)
+    return num_shards, positions, batches
 
+
+def encode_shards(args: argparse.Namespace, source, vae, layout: Layout, config_sha: str,
+                  dest: Path, positions: np.ndarray, batches: list[tuple], state) -> int:
+    """Decode, encode and write this process's shards, each as soon as its last batch is done;
+    returns the number of shards (re-)encoded by all processes together."""
     from tqdm import tqdm
 
     loader = torch.utils.data.DataLoader(
-        CroppedItems(source, positions, args.resolution), batch_sampler=[b for _, b, _ in plan],
-        num_workers=args.num_workers if len(plan) else 0, collate_fn=collate_list,
+        CroppedItems(source, positions, args.resolution), batch_sampler=[b for _, b, _ in batches],
+        num_workers=args.num_workers if len(batches) else 0, collate_fn=collate_list,
         persistent_workers=False)
-    bar = tqdm(total=len(positions), unit="img", disable=not is_main or not len(positions),
-               dynamic_ncols=True,
+    bar = tqdm(total=len(positions), unit="img",
+               disable=not state.is_main_process or not len(positions), dynamic_ncols=True,
                desc=f"encode (rank 0 of {state.num_processes})")
     dtype = DTYPES[args.dtype]
-    cur = None
+    cur, written = None, 0
     t0 = time.time()
-    for (s, _, last), items in zip(plan, loader):
+    for (s, _, last), items in zip(batches, loader):
         if cur is None:
             cur = {"parts": [], "labels": [], "index": [], "failed": [], "upsampled": 0}
         good = [(k, a, small) for k, a, small, err in items if a is not None]
@@ -378,15 +403,17 @@ def main(argv: list[str] | None = None) -> int:
                 cur["failed"].append({"index": i, "name": source.name(i), "error": err})
         if good:
             idx = [int(positions[k]) for k, _, _ in good]
-            cur["parts"].append(encode_batch(vae, [a for _, a, _ in good], idx, args, device))
+            cur["parts"].append(encode_batch(vae, [a for _, a, _ in good], idx, args,
+                                             state.device))
             cur["labels"] += [source.label(i) for i in idx]
             cur["index"] += idx
             cur["upsampled"] += sum(small for _, _, small in good)
         bar.update(len(items))
         if last:
             write_one_shard(dest, s, cur["parts"], cur["labels"], cur["index"], cur["failed"],
-                            cur["upsampled"], key, dtype, sample_shape, config_sha, args)
-            cur = None
+                            cur["upsampled"], layout.key, dtype, layout.sample_shape, config_sha,
+                            args)
+            cur, written = None, written + 1
             bar.set_postfix(shard=s)
     bar.close()
     if len(positions):
@@ -394,35 +421,67 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rank {state.process_index}] encoded {len(positions)} images in {dt:.1f}s "
               f"({len(positions) / max(dt, 1e-9):.1f} img/s)", flush=True)
     from accelerate.utils import gather_object
-    encoded_now = sum(gather_object([len(todo)]))  # shards (re-)encoded by all processes
+    encoded_now = sum(gather_object([written]))
     state.wait_for_everyone()
+    return encoded_now
 
-    if is_main:
-        # The manifest is rebuilt from the records every time; the bytes are deterministic, so a
-        # rerun of a finished directory rewrites the same file.
-        records = []
-        for s in range(num_shards):
-            rec = finished_record(dest, s, old_manifest, check_hash=False)
-            if rec is None:
-                print(f"error: shard {s} did not finish; rerun the command", file=sys.stderr)
-                return 1
-            records.append(rec)
-        manifest, report = build_manifest(config, config_sha, source, records, key, channels, hw,
-                                    args, vae_ident)
-        atomic_write_json(dest / fmt.REPORT, report)
-        atomic_write_json(dest / fmt.MANIFEST, manifest)
-        shutil.rmtree(dest / fmt.PROGRESS_DIR, ignore_errors=True)
-        if manifest == old_manifest and encoded_now == 0:
-            print(f"{dest} is already complete ({manifest['count']} samples); nothing to do")
-        elif manifest == old_manifest:
-            print(f"{dest}: re-encoded {encoded_now} missing or damaged shard(s); the directory "
-                  f"is complete again ({manifest['count']} samples, same bytes as before)")
-        else:
-            summarize(manifest, report, dest)
-        if manifest["count"] == 0:
-            print("error: no image could be encoded; see report.json", file=sys.stderr)
+
+def finish(args: argparse.Namespace, dest: Path, num_shards: int, encoded_now: int,
+           old_manifest: dict | None, config: dict, config_sha: str, source, layout: Layout,
+           vae_ident: dict | None) -> int:
+    """Main process: manifest.json and report.json from the shard records, then the summary.
+
+    The manifest is rebuilt from the records every time; the bytes are deterministic, so a rerun
+    of a finished directory rewrites the same file."""
+    records = []
+    for s in range(num_shards):
+        rec = finished_record(dest, s, old_manifest, check_hash=False)
+        if rec is None:  # a failed run rather than a bad command line: exit status 1
+            cli_error(PROG, f"shard {s} did not finish; rerun the command")
             return 1
+        records.append(rec)
+    manifest, report = build_manifest(config, config_sha, source, records, layout.key,
+                                      layout.channels, layout.hw, args, vae_ident)
+    atomic_write_json(dest / fmt.REPORT, report)
+    atomic_write_json(dest / fmt.MANIFEST, manifest)
+    shutil.rmtree(dest / fmt.PROGRESS_DIR, ignore_errors=True)
+    if manifest == old_manifest and encoded_now == 0:
+        print(f"{dest} is already complete ({manifest['count']} samples); nothing to do")
+    elif manifest == old_manifest:
+        print(f"{dest}: re-encoded {encoded_now} missing or damaged shard(s); the directory "
+              f"is complete again ({manifest['count']} samples, same bytes as before)")
+    else:
+        summarize(manifest, report, dest)
+    if manifest["count"] == 0:  # everything was written, nothing was readable: exit status 1
+        cli_error(PROG, "no image could be encoded; see report.json")
+        return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "verify":
+        return verify(args)
+    from accelerate import PartialState
+
+    # On a machine without CUDA, accelerate only forms a multi-process (gloo) group with cpu=True.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    runtime.configure_reproducible(state.device, args.cpu_threads)
+    dest = Path(args.dest)
+    try:
+        source, vae, vae_ident = open_inputs(args, state)
+        layout, config = resolve_settings(args, source, vae_ident)
+        old_manifest = prepare_dest(dest, config, args.overwrite, state)
+    except UsageError as e:  # every process reports it, as every process found it
+        return cli_error(PROG, e)
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    num_shards, positions, batches = plan_shards(args, len(source), dest, old_manifest, state)
+    encoded_now = encode_shards(args, source, vae, layout, config_sha, dest, positions, batches,
+                                state)
+    if not state.is_main_process:
+        return 0
+    return finish(args, dest, num_shards, encoded_now, old_manifest, config, config_sha, source,
+                  layout, vae_ident)
 
 
 def build_manifest(config: dict, config_sha: str, source, records: list[dict], key: str,

@@ -30,12 +30,8 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     threads = torch.get_num_threads()  # encode sets --cpu-threads; don't leak it to other tests
     try:
         rc = encode.main([str(a) for a in argv])
-    except SystemExit as e:  # a string code is printed to stderr and exits with 1
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            rc = 1
-        else:
-            rc = int(e.code or 0)
+    except SystemExit as e:  # argparse's errors (and --help) exit through SystemExit
+        rc = int(e.code or 0)
     finally:
         torch.set_num_threads(threads)
     out, err = capsys.readouterr()
@@ -183,7 +179,7 @@ def test_missing_source_is_a_clean_error(tmp_path):
     missing = tmp_path / "not-there" / "train"
     r = run_cli("--source", missing, "--dest", tmp_path / "out", "--resolution", 8, *ENCODE)
     assert r.returncode == 2, r.stderr
-    assert str(missing) in r.stderr
+    assert f"encode.py: error: source {missing} does not exist" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "out").exists()
 
@@ -198,10 +194,11 @@ def test_dest_with_different_configuration(tmp_path, capsys):
     assert any(k.startswith("shard-") for k in before)
 
     r = run_cli("--source", "digits", "--dest", dest, "--resolution", 16, *ENCODE)
-    assert r.returncode != 0
-    assert "different configuration" in r.stderr
-    assert "resolution: 8 -> 16" in r.stderr
-    assert "--overwrite" in r.stderr
+    assert r.returncode == 2
+    error = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and error[0].startswith(f"encode.py: error: --dest {dest} ")
+    assert "different configuration (resolution: 8 -> 16)" in error[0]
+    assert "--overwrite" in error[0]
     assert "Traceback" not in r.stderr
     assert snapshot(dest) == before  # nothing touched, nothing added
 
@@ -240,8 +237,9 @@ def test_dest_with_foreign_shards(tmp_path, capsys):
     (dest / "shard-00000.safetensors").write_bytes(junk)
     argv = ["--source", "digits", "--dest", dest, "--resolution", 8, *ENCODE]
     rc, _, err = run_main(argv, capsys)
-    assert rc != 0
-    assert "unknown configuration" in err and "--overwrite" in err
+    assert rc == 2
+    assert err.startswith(f"encode.py: error: --dest {dest} holds shard files of unknown "
+                          "configuration") and "--overwrite" in err
     assert snapshot(dest) == {"shard-00000.safetensors": junk}
 
     rc, _, err = run_main(argv + ["--overwrite"], capsys)
@@ -260,8 +258,8 @@ def test_all_images_unreadable(tmp_path, capsys):
     (src / "b" / "z.jpeg").write_bytes(b"")
     rc, out, err = run_main(["--source", src, "--dest", tmp_path / "out", "--resolution", 8,
                              *ENCODE], capsys)
-    assert rc != 0
-    assert "no image could be encoded" in err
+    assert rc == 1  # the run finished (report.json says why), it did not refuse to start
+    assert "encode.py: error: no image could be encoded" in err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert sorted(f["name"] for f in report["failed"]) == ["a/x.jpg", "a/y.png", "b/z.jpeg"]
 

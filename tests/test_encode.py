@@ -201,5 +201,14 @@ def test_missing_vae_message(tmp_path):
     r = run_cli("--source", "digits", "--dest", str(tmp_path / "d"), "--resolution", "16",
                 "--vae", "nobody/no-such-vae", timeout=120)
     assert r.returncode == 2
-    assert "nobody/no-such-vae" in r.stderr and "hf download" in r.stderr
+    assert "encode.py: error: VAE 'nobody/no-such-vae'" in r.stderr and "hf download" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_resolution_not_a_multiple_of_the_vae_factor(tmp_path, tiny_vae_dir, capsys):
+    rc = encode_main(["--source", "digits", "--dest", str(tmp_path / "d"), "--resolution", "12",
+                      "--vae", str(tiny_vae_dir), "--num-workers", "0"])
+    assert rc == 2
+    assert ("encode.py: error: --resolution 12 is not a multiple of the VAE's downsampling "
+            "factor 8\n") in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
