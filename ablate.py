@@ -36,8 +36,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import UsageError, atomic_write_bytes, atomic_write_json, atomic_write_text
+from common import UsageError, atomic_write_bytes, atomic_write_json, atomic_write_text, cli_error
 
+PROG = "ablate.py"
 REPO = Path(__file__).resolve().parent
 # (json key, column name, digits shown): the digits metric (docs/CONVENTIONS.md §12) ...
 DIGITS_COLUMNS = (("fd_ratio", "FD/floor", 2), ("fd", "FD", 2), ("fd_floor", "floor", 2),
@@ -404,7 +405,7 @@ def report(study: Study) -> str:
 # -- command line ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ablate.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", required=True, help="study directory (results and every run)")
@@ -449,8 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--num-samples must be >= 1")
         study.check_spec(record=not args.report_only)  # a report keeps the study's command
     except UsageError as e:
-        print(f"ablate.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli_error(PROG, e)
     todo = [j for j in study.jobs
             if not all(done.exists() for _, _, done in study.commands(j))]
     if args.print_commands:

@@ -114,7 +114,9 @@ def test_study_settings_cannot_change_under_the_same_out(tmp_path, capsys):
     base = ["--out", out, "--grid", "disp_tau=1", "--print-commands"]
     assert ablate.main([*base, "--base", "--preset digits"]) == 0
     assert ablate.main([*base, "--base", "--preset digits --max-train-steps 9"]) == 2
-    assert "other settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("ablate.py: error: ") and "other settings" in err
+    assert len(err.splitlines()) == 1
     assert ablate.main([*base, "--base", "--preset digits", "--seeds", "7"]) == 0  # seeds may grow
     assert ablate.main([*base, "--base", "--preset digits --seed 3"]) == 2
     assert ablate.main([*base, "--base", "--preset digits", "--jobs", "999"]) == 2
