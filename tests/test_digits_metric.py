@@ -1,4 +1,5 @@
-"""evaluate.py digits: the distribution metric for models trained on the sklearn digits.
+"""evaluation/digits.py and ``evaluate.py digits``: the distribution metric for models trained on
+the sklearn digits.
 
 Every number is checked against a computation written here (rendering, features, Frechet
 distance, precision/recall by brute force), never against the code's own saved output.
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-import evaluate
-from evaluate import (DIGITS_STREAM_FLOOR, DIGITS_STREAM_PR, DigitsReference, digits_metrics,
-                      digits_reference, digits_subsample, main)
+from evaluate import main
+from evaluation.digits import (DIGITS_FLOOR_DRAWS, DIGITS_HIDDEN, DIGITS_STREAM_FLOOR,
+                               DIGITS_STREAM_PR, DigitsReference, digits_metrics, digits_reference,
+                               digits_subsample)
 
 
 def render(values: np.ndarray, upscale: int = 1) -> np.ndarray:
@@ -77,7 +79,7 @@ def test_reference_is_the_documented_split_and_classifier(ref, halves):
     assert np.array_equal(ref.images_b, halves["b"][0])
     assert np.allclose(ref.features_a, features(ref, halves["a"][0]), rtol=0, atol=1e-12)
     assert ref.heldout_accuracy >= 0.97
-    assert ref.features_a.shape == (898, evaluate.DIGITS_HIDDEN)
+    assert ref.features_a.shape == (898, DIGITS_HIDDEN)
 
 
 def test_real_vs_real_is_at_the_floor(halves):
@@ -141,7 +143,7 @@ def test_frechet_distance_and_floor_match_scipy(ref, halves):
     assert m["fd"] == pytest.approx(frechet(features(ref, imgs), fa), rel=1e-7)
     fb = features(ref, halves["b"][0])
     floors = [frechet(fb[digits_subsample(len(fb), 200, 7, DIGITS_STREAM_FLOOR, j)], fa)
-              for j in range(evaluate.DIGITS_FLOOR_DRAWS)]
+              for j in range(DIGITS_FLOOR_DRAWS)]
     assert m["fd_floor"] == pytest.approx(np.mean(floors), rel=1e-7)
     assert m["fd_ratio"] == pytest.approx(m["fd"] / np.mean(floors), rel=1e-7)
     assert m["floor_samples"] == 200 and m["fd_mean"] is None
@@ -221,4 +223,5 @@ def test_cli(tmp_path, capsys, halves):
         err = capsys.readouterr().err
         assert "is not an .npz archive" in err and "allow_pickle" not in err
     assert main(["digits", str(tmp_path / "missing.npz")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate.py: error: ") and "no such file" in err

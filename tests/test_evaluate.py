@@ -1,4 +1,5 @@
-"""evaluate.py and models/inception.py: the ADM metrics against independent computations.
+"""evaluation/adm.py, evaluate.py (its CLI) and models/inception.py: the ADM metrics against
+independent computations.
 
 The Inception has random weights built on the fly (nothing is downloaded). Most tests resize to
 75 instead of 299 (same network and state dict, 16x fewer FLOPs); one test runs at 299 to check
@@ -18,7 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate as ev
+import evaluate
+from evaluation import adm as ev
+from evaluation.images import FolderImages
 from models.inception import (WEIGHTS_FILE, FIDInceptionV3, load_inception,
                               tf1_resize_bilinear)
 from models.vae import WeightsNotFound
@@ -233,6 +236,37 @@ def test_precision_recall_blocked_matches_brute_force():
         assert (p, r) == (pytest.approx(precision), pytest.approx(recall))
 
 
+def test_squared_distances_exact_and_fast():
+    from scipy.spatial.distance import cdist
+
+    from common import pairwise_sq_dists
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=(40, 64)) * 3 + 50
+    b = np.concatenate([a[:5], rng.normal(size=(30, 64)) + 50])
+    exact = pairwise_sq_dists(torch.tensor(a), torch.tensor(b), exact=True).numpy()
+    # differences summed feature by feature in order: scipy's cdist to the last bit
+    assert np.array_equal(exact, cdist(a, b, "sqeuclidean"))
+    assert (np.diagonal(exact[:5, :5]) == 0).all()  # identical rows are exactly 0 apart
+    fast = pairwise_sq_dists(torch.tensor(a - 50), torch.tensor(b - 50)).numpy()
+    assert fast.min() >= 0 and np.allclose(fast, exact, rtol=1e-12, atol=1e-9)
+
+
+def test_precision_recall_exact_float64():
+    rng = np.random.default_rng(9)
+    ref = rng.normal(size=(60, 16)) + 1e4  # far from 0: fp32 could not resolve these distances
+    smp = np.concatenate([ref[:10], rng.normal(size=(25, 16)) * 1.5 + 1e4])
+    d = np.sqrt(((smp[:, None] - ref[None]) ** 2).sum(-1))  # (samples, reference), brute force
+    r_ref = np.sort(np.sqrt(((ref[:, None] - ref[None]) ** 2).sum(-1)), 1)[:, 3]
+    r_smp = np.sort(np.sqrt(((smp[:, None] - smp[None]) ** 2).sum(-1)), 1)[:, 3]
+    precision, recall = (d <= r_ref[None]).any(1).mean(), (d <= r_smp[:, None]).any(0).mean()
+    assert 0 < precision < 1 and 0 < recall < 1
+    for block in (7, 1 << 25):
+        assert np.sqrt(ev.knn_radii(ref, 3, block_elems=block, exact=True)) == \
+            pytest.approx(r_ref, rel=1e-12)
+        assert ev.precision_recall(ref, smp, 3, block_elems=block, exact=True) == \
+            (precision, recall)
+
+
 # ----------------------------------------------------------------------------------------------
 # The network: layout, names, outputs
 
@@ -425,7 +459,7 @@ def test_make_reference_from_image_folder(model, tmp_path):
             p = tmp_path / "src" / c / f"{i}.png"
             Image.fromarray(rng.integers(0, 256, (30 + 7 * i, 41, 3), dtype=np.uint8)).save(p)
             files.append(p)
-    src = ev._FolderImages(str(tmp_path / "src"), 24, seed=0, num_workers=0, limit=None)
+    src = FolderImages(str(tmp_path / "src"), 24, seed=0, num_workers=0, limit=None)
     info = ev.make_reference(src, tmp_path / "ref.npz", model, batch_size=4, ref_images=5)
     assert info == {"images": 9, "arr_0": 5, "path": str(tmp_path / "ref.npz")}
     crops = np.stack([adm_center_crop(Image.open(files[i]), 24) for i in src.order])
@@ -498,11 +532,18 @@ def test_cli_end_to_end(weights, tmp_path):
 def test_cli_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("FID_INCEPTION_WEIGHTS", raising=False)
     np.savez(tmp_path / "s.npz", rand_images(3, 8))
-    assert ev.main([str(tmp_path / "s.npz"), str(tmp_path / "s.npz")]) == 2
+    assert evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "s.npz")]) == 2
     err = capsys.readouterr().err
+    assert err.startswith("evaluate.py: error: ")  # argparse's style, as every script
     assert WEIGHTS_FILE in err and "--inception" in err and "FID_INCEPTION_WEIGHTS" in err
-    assert ev.main([str(tmp_path / "s.npz"), str(tmp_path / "nope.npz")]) == 2
+    assert evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "nope.npz")]) == 2
     assert "nope.npz" in capsys.readouterr().err
     np.savez(tmp_path / "bad.npz", np.zeros((3, 8, 8), np.uint8))
-    assert ev.main([str(tmp_path / "bad.npz"), str(tmp_path / "s.npz")]) == 2
+    assert evaluate.main([str(tmp_path / "bad.npz"), str(tmp_path / "s.npz")]) == 2
     assert "(N, H, W, 3)" in capsys.readouterr().err
+    # a reference batch given first: the arguments are swapped
+    np.savez(tmp_path / "stats.npz", rand_images(3, 8),
+             **{k: np.zeros((2, 2) if k.startswith("sigma") else 2) for k in ev.STAT_KEYS})
+    assert evaluate.main([str(tmp_path / "stats.npz"), str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate.py: error: ") and "SAMPLES REFERENCE" in err

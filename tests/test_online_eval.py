@@ -37,12 +37,18 @@ def test_online_digits_metric_equals_evaluate_on_generated_samples(digits8, tmp_
     run([sys.executable, str(REPO / "generate.py"), "--ckpt", str(rd), "--mode", "ode",
          "--num-steps", "3", "--num-fid-samples", "20", "--label-sampling", "equal",
          "--sample-dir", str(tmp_path / "s")])
-    from evaluate import digits_metrics
+    from evaluation.digits import digits_metrics
     with np.load(tmp_path / "s" / "samples.npz") as z:
         expected = digits_metrics(z["arr_0"], z["arr_1"])
+    # Not bit-equal: the classifier's features and the covariances are BLAS matmuls, whose
+    # rounding depends on how many threads split the reduction, and train.py's process need not
+    # run numpy with this one's thread count. The Frechet distance, a difference of traces much
+    # larger than itself, turns that into ~1e-9 relative (measured: floor 27.47163834 vs
+    # 27.47163837 on a loaded 2-core machine); rel 1e-6 stays far below what another EMA, sample
+    # or seed would move (percents).
     for key in ("fd", "fd_floor", "fd_ratio", "precision", "recall", "class_accuracy",
                 "diversity", "copies"):
-        assert recs[-1][key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+        assert recs[-1][key] == pytest.approx(expected[key], rel=1e-6, abs=1e-12), key
 
 
 @pytest.mark.slow
@@ -77,7 +83,8 @@ def test_online_eval_without_a_metric_is_a_clear_error(digits8, tmp_path, capsys
 def test_online_adm_metrics_with_a_reference_batch(digits8, tmp_path):
     """Other data: IS/FID/sFID/P/R against --eval-reference with --inception (random weights
     here), the same numbers as evaluate.py on generate.py's samples."""
-    from evaluate import NpzImages, compute_metrics, digits_real_images
+    from evaluation.adm import NpzImages, compute_metrics
+    from evaluation.digits import digits_real_images
     from models.inception import FIDInceptionV3, load_inception
     torch.manual_seed(0)
     weights = tmp_path / "inception.pth"
