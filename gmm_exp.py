@@ -58,8 +58,10 @@ import torch
 from torch import nn
 
 from losses.stablevm import stable_target, stable_target_efficient
-from common import atomic_write_bytes, atomic_write_json, ema_decay, ema_update
+from common import (UsageError, atomic_write_bytes, atomic_write_json, cli_error, ema_decay,
+                    ema_update)
 
+PROG = "gmm_exp.py"
 EXPS = ("cfm", "cfm_equal_data", "stf", "stable_vm", "stable_vm_efficient")
 FIELDS = ("velocity", "score")
 HEADLINE_TS = (0.2, 0.3, 0.4, 0.5)      # the Fisher-divergence average reported in the table
@@ -108,8 +110,8 @@ class GMM:
         return (self.means[k] + self.stds[k] * z).float()
 
     def data_variance(self) -> float:
-        """Per-dimension variance of the data, trace(Cov x0) / D (the CFM velocity variance at
-        t = 1)."""
+        """Per-dimension variance of the data, trace(Cov x0) / D (equal to the CFM variance of
+        the velocity at t = 1, where x_t carries no information about x0)."""
         w = self.weights.unsqueeze(1)
         second = (w * (self.means.square() + self.stds.square())).sum(0)
         mean = (w * self.means).sum(0)
@@ -190,7 +192,7 @@ class GMM:
 
     def cfm_variance(self, x: torch.Tensor, t: float, kind: str
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Variance of the CFM target given x_t = x (per dimension, (B,) each), split exactly
+        """The CFM variance at x_t = x (per dimension, (B,) each), split exactly
         into the within-component part sum_k gamma_k Var(target | x, k) and the
         between-component part sum_k gamma_k ||f_k(x) - f(x)||^2 (law of total variance)."""
         x = x.double()
@@ -366,6 +368,11 @@ def _t_index(ts: Sequence[float], t: float) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Variance curves.
+#
+# The CFM variance: the variance of the CFM target given x_t, per dimension,
+# E[||target - f*(x_t)||^2 | x_t] / D with f* the exact field. ``GMM.cfm_variance`` and
+# ``empirical_cfm_variance`` give it at given points x_t (for the mixture, for a finite data set);
+# the ``*_curve`` functions give the n values of one curve at one t, at points they draw.
 
 def _quantiles(per_sample: torch.Tensor) -> dict[str, np.ndarray]:
     """per_sample (T, n) -> mean and the 10/25/50/75/90 % quantiles over samples, each (T,)."""
@@ -383,26 +390,26 @@ def _perturb(x0: torch.Tensor, t: float, generator: torch.Generator
     return (1 - t) * x0 + t * eps, eps
 
 
-def cfm_variance_exact(gmm: GMM, t: float, n: int, kind: str, generator: torch.Generator
+def cfm_variance_curve(gmm: GMM, t: float, n: int, kind: str, generator: torch.Generator
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total, between-component) conditional variance of the CFM target around the exact
-    field, per dimension, at n points x_t ~ p_t: ``(n,), (n,)``."""
+    """The CFM variance (total, and its between-component part) at n points x_t ~ p_t:
+    ``(n,), (n,)``."""
     x, _ = _perturb(gmm.sample(n, generator).double(), t, generator)
     within, between = gmm.cfm_variance(x, t, kind)
     return within + between, between
 
 
-def cfm_deviation_exact(gmm: GMM, t: float, n: int, kind: str,
+def cfm_deviation_curve(gmm: GMM, t: float, n: int, kind: str,
                         generator: torch.Generator) -> torch.Tensor:
     """Monte Carlo: ||CFM target - exact field||^2 / D for n draws (x0, eps) at time t, (n,).
-    Its mean estimates the same number as :func:`cfm_variance_exact`."""
+    Its mean estimates the mean CFM variance (:func:`cfm_variance_curve`)."""
     x0 = gmm.sample(n, generator).double()
     x, eps = _perturb(x0, t, generator)
     target = eps - x0 if kind == "velocity" else -eps / t
     return (target - gmm.field(x, t, kind)).square().mean(1)
 
 
-def stable_deviation_exact(gmm: GMM, t: float, n: int, ref_size: int, kind: str,
+def stable_deviation_curve(gmm: GMM, t: float, n: int, ref_size: int, kind: str,
                            generator: torch.Generator) -> torch.Tensor:
     """Monte Carlo: ||stable target over a fresh reference set of ``ref_size`` - exact
     field||^2 / D with x_t from the mixture path of that set (stable_vm's training
@@ -435,8 +442,8 @@ def empirical_field(x: torch.Tensor, t: float, data: torch.Tensor, kind: str) ->
 
 def empirical_cfm_variance(x: torch.Tensor, t: float, data: torch.Tensor, kind: str,
                            chunk: int = 512) -> torch.Tensor:
-    """Variance of the CFM target given x_t = x (B, D) when x0 is drawn from the empirical
-    distribution of ``data`` (N, D), per dimension, float64 (B,).
+    """The CFM variance at x_t = x (B, D) when x0 is drawn from the empirical distribution of
+    ``data`` (N, D), per dimension, float64 (B,).
 
     Given x_t the velocity target is (x_t - x0_j) / t with probability w_j, so its variance is
     Var_w(x0) / t^2 = (sum_j w_j ||x0_j||^2 - ||sum_j w_j x0_j||^2) / t^2; the score target
@@ -452,8 +459,8 @@ def empirical_cfm_variance(x: torch.Tensor, t: float, data: torch.Tensor, kind: 
     return torch.cat(out) * scale / data.shape[1]
 
 
-def cfm_variance_empirical(data: torch.Tensor, t: float, n: int, kind: str,
-                           generator: torch.Generator) -> torch.Tensor:
+def empirical_cfm_variance_curve(data: torch.Tensor, t: float, n: int, kind: str,
+                                 generator: torch.Generator) -> torch.Tensor:
     """:func:`empirical_cfm_variance` at n points x_t drawn from the path of ``data`` (a finite
     data set: the exact field is the empirical one), (n,)."""
     x0 = data[torch.randint(0, data.shape[0], (n,), generator=generator)].double()
@@ -479,14 +486,14 @@ def load_real_latents(path: str | Path, max_n: int, seed: int) -> torch.Tensor:
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--imagenet-data-path {path}: no such directory (expected a "
-                                "shard directory written by preprocessing/encode.py)")
+        raise UsageError(f"--imagenet-data-path {path}: no such directory (expected a shard "
+                         "directory written by preprocessing/encode.py)")
     if not (path / "manifest.json").is_file():
-        raise FileNotFoundError(f"--imagenet-data-path {path}: no manifest.json there; encode "
-                                "one with `python preprocessing/encode.py --dest ...`")
+        raise UsageError(f"--imagenet-data-path {path}: no manifest.json there; encode one "
+                         "with `python preprocessing/encode.py --dest ...`")
     ds = ShardDataset(path)
     if len(ds) == 0:
-        raise ValueError(f"--imagenet-data-path {path}: the shard directory holds no samples")
+        raise UsageError(f"--imagenet-data-path {path}: the shard directory holds no samples")
     g = torch.Generator().manual_seed(int(seed))
     pos = torch.randperm(len(ds), generator=g)[:max_n]
     rows = ds.gather(pos)
@@ -497,9 +504,10 @@ def load_real_latents(path: str | Path, max_n: int, seed: int) -> torch.Tensor:
 def variance_study(args: argparse.Namespace, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Every variance curve of the study, ``{name: {t, mean, q10..q90, dim, knee}}``:
 
-    - ``exact/d=D``: conditional variance of the CFM target around the exact field of the
-      study's mixture recipe in D dimensions, ``between/d=D`` its between-component part;
-    - ``empirical/d=D``: around the exact field of a finite sample of that mixture;
+    - ``exact/d=D``: the CFM variance of the study's mixture recipe in D dimensions (around the
+      mixture's exact field), ``between/d=D`` its between-component part;
+    - ``empirical/d=D``: the CFM variance of a finite sample of that mixture (around the exact
+      field of that sample);
     - ``real/D=..``: the same for the latents of ``--imagenet-data-path``;
     - ``stable/d=dim`` and ``cfm/d=dim``: Monte Carlo squared deviation of the stable target
       (reference set of ``--ref-size``) and of the CFM target around the exact field.
@@ -516,18 +524,18 @@ def variance_study(args: argparse.Namespace, progress: bool = True) -> dict[str,
         gmm = GMM.random(d, args.components, args.gmm_seed)
         data = gmm.sample(args.variance_data_size, torch.Generator().manual_seed(args.gmm_seed))
         jobs.append(([f"exact/d={d}", f"between/d={d}"], d,
-                     lambda t, g, gmm=gmm: cfm_variance_exact(gmm, t, n, kind, g)))
-        jobs.append(([f"empirical/d={d}"], d,
-                     lambda t, g, data=data: (cfm_variance_empirical(data, t, n, kind, g),)))
+                     lambda t, g, gmm=gmm: cfm_variance_curve(gmm, t, n, kind, g)))
+        jobs.append(([f"empirical/d={d}"], d, lambda t, g, data=data: (
+            empirical_cfm_variance_curve(data, t, n, kind, g),)))
     gmm = GMM.random(args.dim, args.components, args.gmm_seed)
-    jobs.append(([f"stable/d={args.dim}"], args.dim, lambda t, g: (stable_deviation_exact(
+    jobs.append(([f"stable/d={args.dim}"], args.dim, lambda t, g: (stable_deviation_curve(
         gmm, t, n, args.ref_size, kind, g),)))
     jobs.append(([f"cfm/d={args.dim}"], args.dim,
-                 lambda t, g: (cfm_deviation_exact(gmm, t, n, kind, g),)))
+                 lambda t, g: (cfm_deviation_curve(gmm, t, n, kind, g),)))
     if args.imagenet_data_path:
         real = load_real_latents(args.imagenet_data_path, args.real_max, args.variance_seed)
         jobs.append(([f"real/D={real.shape[1]}"], real.shape[1],
-                     lambda t, g: (cfm_variance_empirical(real, t, n, kind, g),)))
+                     lambda t, g: (empirical_cfm_variance_curve(real, t, n, kind, g),)))
     curves: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(jobs) * len(ts), desc="variance curves", disable=not progress)
     for names, d, fn in jobs:
@@ -550,8 +558,9 @@ def variance_study(args: argparse.Namespace, progress: bool = True) -> dict[str,
 
 def study_key(args: argparse.Namespace) -> dict[str, Any]:
     """Every setting that must match for runs to be compared (all but the method and seed).
-    With ``--time-budget`` the key holds the budget and ``steps`` is None (unused); without it
-    the key is the one of earlier versions, so their saved runs still match."""
+    With ``--time-budget`` the key also holds the budget, and ``steps`` is None (unused); without
+    it the key has no ``time_budget`` entry at all, so saved fixed-step runs whose records have
+    none keep matching."""
     key = {k: getattr(args, k) for k in (
         "dim", "components", "gmm_seed", "vector_field", "steps", "batch_size", "ref_size", "lr",
         "hidden", "depth", "ema_decay", "split", "eval_every", "eval_samples", "eval_seed")}
@@ -571,18 +580,57 @@ def run_name(exp: str, field: str, seed: int, time_budget: float | None = None) 
     return f"{exp}-{field}{budget_tag(time_budget)}-seed{seed}"
 
 
-# The training clock; a test replaces it with a fake one.
-_clock = time.perf_counter
+class EvalLog:
+    """What a run records at each evaluation: the step, the training clock, the Fisher
+    divergence of the EMA and raw models, and the mean loss since the previous evaluation; it
+    also adds the GIF frame and logs to wandb when those are on."""
+
+    def __init__(self, evaluator: FisherEval, viz: FieldFrames | None, wandb_run: Any):
+        self.evaluator, self.viz, self.wandb_run = evaluator, viz, wandb_run
+        self.steps: list[int] = []
+        self.clock: list[float] = []        # training clock (step_seconds) at each evaluation
+        self.fd_ema: list[np.ndarray] = []
+        self.fd_raw: list[np.ndarray] = []
+        self.losses: list[float | None] = []
+
+    def __call__(self, step: int, step_seconds: float, ema: TimeMLP, model: TimeMLP,
+                 loss: float | None) -> None:
+        ts = self.evaluator.ts
+        self.steps.append(step)
+        self.clock.append(step_seconds)
+        self.fd_ema.append(self.evaluator(ema))
+        self.fd_raw.append(self.evaluator(model))
+        self.losses.append(loss)
+        if self.viz is not None:
+            self.viz.add(ema, step)
+        if self.wandb_run is not None:
+            log = {f"fisher/t={t:g}": v for t, v in zip(ts, self.fd_ema[-1])}
+            log.update({"fisher/avg_0.2-0.5": headline(self.fd_ema[-1], ts),
+                        "fisher_raw/avg_0.2-0.5": headline(self.fd_raw[-1], ts), "loss": loss})
+            self.wandb_run.log(log, step=step)
+
+
+def train_step(model: TimeMLP, ema: TimeMLP, opt: torch.optim.Optimizer,
+               batch: dict[str, torch.Tensor], decay: float) -> float:
+    """One Adam step on the squared error to the batch's target, then the EMA update; returns
+    the loss (reading it waits for the step to finish, so it belongs to the timed part)."""
+    loss = (model(batch["x_t"], batch["t"]) - batch["target"]).square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    ema_update(list(ema.parameters()), list(model.parameters()), decay)
+    return float(loss.detach())
 
 
 def train_run(args: argparse.Namespace, exp: str, seed: int, gmm: GMM, evaluator: FisherEval,
-              progress: bool = True, wandb_run: Any = None) -> dict[str, Any]:
-    """Train one model with target ``exp`` and return its record (config, Fisher-divergence
-    history of the EMA and raw models, losses, timing, and 2-D field frames if asked).
+              progress: bool = True, wandb_run: Any = None,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Train one model with target ``exp`` and return its record (:func:`run_record`).
 
     Stops after ``args.steps`` steps, or, when ``args.time_budget`` is set, after the first step
-    at which the training clock (the summed time of the training steps, evaluations excluded)
-    reaches the budget. Evaluations run every ``args.eval_every`` steps and after the last.
+    at which the training clock (the summed time of the training steps on ``clock``,
+    evaluations excluded) reaches the budget. Evaluations run every ``args.eval_every`` steps
+    and after the last.
     """
     from tqdm import tqdm
 
@@ -595,80 +643,64 @@ def train_run(args: argparse.Namespace, exp: str, seed: int, gmm: GMM, evaluator
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(seed * 1000003 + 17)
     viz = FieldFrames(gmm, kind, args.viz_t) if args.enable_visualization else None
+    log = EvalLog(evaluator, viz, wandb_run)
 
-    steps, clock, fd_ema, fd_raw, losses = [], [], [], [], []
-    running, n_running = 0.0, 0
-    train_clock = 0.0                       # seconds spent in training steps only
-
-    def evaluate(step: int) -> None:
-        nonlocal running, n_running
-        steps.append(step)
-        clock.append(train_clock)
-        fd_ema.append(evaluator(ema))
-        fd_raw.append(evaluator(model))
-        losses.append(running / n_running if n_running else None)  # none before step 1
-        running, n_running = 0.0, 0
-        if viz is not None:
-            viz.add(ema, step)
-        if wandb_run is not None:
-            log = {f"fisher/t={t:g}": v for t, v in zip(evaluator.ts, fd_ema[-1])}
-            log.update({"fisher/avg_0.2-0.5": headline(fd_ema[-1], evaluator.ts),
-                        "fisher_raw/avg_0.2-0.5": headline(fd_raw[-1], evaluator.ts),
-                        "loss": losses[-1]})
-            wandb_run.log(log, step=step)
-
-    evaluate(0)
-    t0 = time.perf_counter()
+    log(0, 0.0, ema, model, None)           # no loss before step 1
+    start = clock()
     bar = tqdm(total=None if budget is not None else args.steps, desc=run_name(
         exp, kind, seed, budget), disable=not progress, mininterval=1.0)
-    step = 0
+    step, step_seconds, loss_sum, loss_count = 0, 0.0, 0.0, 0
     while True:
         step += 1
-        tic = _clock()
+        tic = clock()
         batch = make_batch(exp, gmm, args.batch_size, args.ref_size, kind, g, args.split,
                            args.chunk_size)
-        loss = (model(batch["x_t"], batch["t"]) - batch["target"]).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema_update(list(ema.parameters()), list(model.parameters()),
-                   ema_decay(step, args.ema_decay, warmup=True))
-        running += float(loss.detach())      # waits for the step to finish
-        n_running += 1
-        train_clock += _clock() - tic
+        decay = ema_decay(step, args.ema_decay, warmup=True)
+        loss_sum += train_step(model, ema, opt, batch, decay)
+        loss_count += 1
+        step_seconds += clock() - tic
         bar.update(1)
-        done = train_clock >= budget if budget is not None else step >= args.steps
+        done = step_seconds >= budget if budget is not None else step >= args.steps
         if step % args.eval_every == 0 or done:
-            evaluate(step)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}",
-                            fd=f"{headline(fd_ema[-1], evaluator.ts):.4f}")
+            log(step, step_seconds, ema, model, loss_sum / loss_count)
+            loss_sum, loss_count = 0.0, 0
+            bar.set_postfix(loss=f"{log.losses[-1]:.4f}",
+                            fd=f"{headline(log.fd_ema[-1], evaluator.ts):.4f}")
         if done:
             break
     bar.close()
-    seconds = time.perf_counter() - t0
-    fd_ema_a, fd_raw_a = np.array(fd_ema), np.array(fd_raw)
-    record = {
-        "exp": exp, "seed": seed, "vector_field": kind, "study": study_key(args),
-        "eval_ts": evaluator.ts, "headline_ts": list(HEADLINE_TS),
-        "steps": steps, "fd_ema": fd_ema_a.tolist(), "fd_raw": fd_raw_a.tolist(), "loss": losses,
-        "final": {"fd_ema_avg": headline(fd_ema_a[-1], evaluator.ts),
-                  "fd_raw_avg": headline(fd_raw_a[-1], evaluator.ts),
-                  "fd_ema_per_t": dict(zip(map(str, evaluator.ts), fd_ema_a[-1].tolist()))},
-        # per step: x_t in the loss, and fresh mixture samples drawn
-        "batch_size": train_batch_size(exp, args.batch_size, args.ref_size),
-        "data_per_step": data_per_step(exp, args.batch_size, args.ref_size),
-        "time_budget": budget, "steps_done": step,
-        # training clock (evaluations excluded) at each evaluation and in total
-        "clock": clock, "step_seconds": train_clock,
-        "ms_per_step": 1000.0 * train_clock / step,
-        # wall clock of the whole loop, evaluations included (as in earlier versions)
-        "train_seconds": seconds, "eval_seconds": seconds - train_clock,
-        "steps_per_second": step / seconds,
-        "threads": torch.get_num_threads(),
-    }
+    record = run_record(args, exp, seed, log, step, step_seconds, clock() - start)
     if viz is not None:
         record["_frames"] = viz.arrays()
     return record
+
+
+def run_record(args: argparse.Namespace, exp: str, seed: int, log: EvalLog, steps_done: int,
+               step_seconds: float, loop_seconds: float) -> dict[str, Any]:
+    """A run's record: config, Fisher-divergence history of the EMA and raw models, losses,
+    data per step and timing. ``step_seconds`` is the training clock (evaluations excluded),
+    ``loop_seconds`` the whole loop's (stored as ``train_seconds``)."""
+    ts = log.evaluator.ts
+    fd_ema, fd_raw = np.array(log.fd_ema), np.array(log.fd_raw)
+    return {
+        "exp": exp, "seed": seed, "vector_field": args.vector_field, "study": study_key(args),
+        "eval_ts": ts, "headline_ts": list(HEADLINE_TS),
+        "steps": log.steps, "fd_ema": fd_ema.tolist(), "fd_raw": fd_raw.tolist(),
+        "loss": log.losses,
+        "final": {"fd_ema_avg": headline(fd_ema[-1], ts), "fd_raw_avg": headline(fd_raw[-1], ts),
+                  "fd_ema_per_t": dict(zip(map(str, ts), fd_ema[-1].tolist()))},
+        # per step: x_t in the loss, and fresh mixture samples drawn
+        "batch_size": train_batch_size(exp, args.batch_size, args.ref_size),
+        "data_per_step": data_per_step(exp, args.batch_size, args.ref_size),
+        "time_budget": getattr(args, "time_budget", None), "steps_done": steps_done,
+        # training clock (evaluations excluded) at each evaluation and in total
+        "clock": log.clock, "step_seconds": step_seconds,
+        "ms_per_step": 1000.0 * step_seconds / steps_done,
+        # the whole loop, evaluations included
+        "train_seconds": loop_seconds, "eval_seconds": loop_seconds - step_seconds,
+        "steps_per_second": steps_done / loop_seconds,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def save_run(out: Path, record: dict[str, Any]) -> None:
@@ -707,7 +739,8 @@ def load_runs(out: Path, key: dict[str, Any]) -> list[dict[str, Any]]:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Final EMA Fisher divergence per method: mean and sample std over seeds, headline average
     and per t; with the steps, training-clock seconds and fresh data per step of the runs.
-    (Records of earlier versions lack the timing fields: those come out as None.)"""
+    A record without ``steps_done`` counts its last evaluated step; when any record lacks
+    ``step_seconds`` the training-clock fields are None."""
     out: dict[str, Any] = {}
     sd = (lambda a: float(np.std(a, ddof=1)) if len(a) > 1 else float("nan"))
     for exp in EXPS:
@@ -719,8 +752,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         avg = np.array([headline(f, ts) for f in final])
         study = rs[0]["study"]
         steps = [int(r.get("steps_done", r["steps"][-1])) for r in rs]
-        clock = [r.get("step_seconds") for r in rs]
-        timed = all(c is not None for c in clock)
+        step_seconds = [r.get("step_seconds") for r in rs]
+        timed = all(c is not None for c in step_seconds)
         out[exp] = {"seeds": [r["seed"] for r in rs], "avg_mean": float(avg.mean()),
                     "avg_std": sd(avg), "avg_per_seed": avg.tolist(),
                     "per_t_mean": dict(zip(map(str, ts), final.mean(0).tolist())),
@@ -730,10 +763,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     "batch_size": train_batch_size(exp, study["batch_size"], study["ref_size"]),
                     "data_per_step": data_per_step(exp, study["batch_size"], study["ref_size"]),
                     "steps_per_seed": steps, "steps_mean": float(np.mean(steps)),
-                    "step_seconds_per_seed": clock if timed else None,
-                    "step_seconds_mean": float(np.mean(clock)) if timed else None,
+                    "step_seconds_per_seed": step_seconds if timed else None,
+                    "step_seconds_mean": float(np.mean(step_seconds)) if timed else None,
                     "ms_per_step_mean": (float(np.mean([1000 * c / n for c, n in
-                                                        zip(clock, steps)])) if timed else None)}
+                                                        zip(step_seconds, steps)]))
+                                         if timed else None)}
     return out
 
 
@@ -801,7 +835,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as e:  # pragma: no cover - requirements.txt pins it
-        raise SystemExit("plotting needs matplotlib: pip install -r requirements.txt") from e
+        raise UsageError("plotting needs matplotlib: pip install -r requirements.txt") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -1004,7 +1038,7 @@ def render_gif(frames: dict[str, np.ndarray], title: str, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # CLI.
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-e", "--exp", nargs="+", default=["stable_vm"],
@@ -1053,6 +1087,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="size of the finite sample for the empirical-field curves")
     p.add_argument("--variance-seed", type=int, default=7)
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check a command line (argparse's ``error`` for what the user must fix)."""
+    p = build_parser()
     args = p.parse_args(argv)
     if "all" in args.exp:
         args.exp = list(EXPS)
@@ -1094,7 +1134,7 @@ def _require_wandb():
     try:
         import wandb
     except ImportError:
-        raise SystemExit("--use_wandb needs the wandb package, which is not installed: "
+        raise UsageError("--use_wandb needs the wandb package, which is not installed: "
                          "`pip install wandb`, or drop --use_wandb") from None
     return wandb
 
@@ -1152,62 +1192,66 @@ def variance_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind, progress = args.vector_field, not args.no_progress
-    print(json.dumps({"exp": args.exp, "seed": args.seed, **study_key(args)}), flush=True)
+def variance_curves(args: argparse.Namespace, out: Path) -> None:
+    """Compute the variance curves (or read them from an earlier call with the same settings),
+    plot them and print a line per curve."""
+    kind = args.vector_field
+    vcfg = variance_config(args)
+    curves = _read_variance(out, kind, vcfg)
+    if curves is None:
+        curves = variance_study(args, not args.no_progress)
+        _write_variance(out, kind, curves, vcfg)
+    plot_variance(curves, kind, out / f"variance_{kind}.png")
+    for name, c in curves.items():
+        m = np.asarray(c["mean"])
+        print(f"variance {name}: t={c['t'][0]:.2f} {m[0]:.4g}, min {m.min():.4g} at "
+              f"t={c['t'][int(np.argmin(m))]:.2f}, max {m.max():.4g} at "
+              f"t={c['t'][int(np.argmax(m))]:.2f}, t={c['t'][-1]:.2f} {m[-1]:.4g}, "
+              f"knee {c['knee']:.3f}")
 
-    if not args.no_plot_variance:
-        vcfg = variance_config(args)
-        curves = _read_variance(out, kind, vcfg)
-        if curves is None:
-            curves = variance_study(args, progress)
-            _write_variance(out, kind, curves, vcfg)
-        plot_variance(curves, kind, out / f"variance_{kind}.png")
-        for name, c in curves.items():
-            m = np.asarray(c["mean"])
-            print(f"variance {name}: t={c['t'][0]:.2f} {m[0]:.4g}, min {m.min():.4g} at "
-                  f"t={c['t'][int(np.argmin(m))]:.2f}, max {m.max():.4g} at "
-                  f"t={c['t'][int(np.argmax(m))]:.2f}, t={c['t'][-1]:.2f} {m[-1]:.4g}, "
-                  f"knee {c['knee']:.3f}")
 
-    key = study_key(args)
-    if not args.only_plot:
-        if args.use_wandb:
-            _require_wandb()  # fail before training, not after it
-        gmm = GMM.random(args.dim, args.components, args.gmm_seed)
-        evaluator = FisherEval(gmm, kind, EVAL_TS, args.eval_samples, args.eval_seed)
-        atomic_write_json(out / f"gmm_d{args.dim}_k{args.components}_s{args.gmm_seed}.json",
-                          {"dim": args.dim, "components": args.components,
-                           "gmm_seed": args.gmm_seed, **gmm.to_json()})
-        for exp in args.exp:
-            for seed in args.seed:
-                run = _init_wandb(args, exp, seed) if args.use_wandb else None
-                rec = train_run(args, exp, seed, gmm, evaluator, progress, run)
-                frames = rec.get("_frames")
-                save_run(out, rec)
-                name = run_name(exp, kind, seed, args.time_budget)
-                if frames is not None:
-                    render_gif(frames, name, out / f"field_{name}.gif")
-                if run is not None:
-                    run.finish()
-                print(f"{name}: final Fisher divergence (EMA) avg "
-                      f"{rec['final']['fd_ema_avg']:.5f} after {rec['steps_done']} steps, "
-                      f"{rec['step_seconds']:.1f} s training clock ({rec['ms_per_step']:.2f} "
-                      f"ms/step, evaluations excluded), {rec['eval_seconds']:.1f} s evaluating",
-                      flush=True)
-    elif args.enable_visualization:
-        tag = budget_tag(args.time_budget)
-        for p in sorted((out / "runs").glob(f"*-{kind}{tag}-seed*.frames.npz")):
-            with np.load(p) as z:
-                frames = {k: z[k] for k in z.files}
-            name = p.name[:-len(".frames.npz")]
-            render_gif(frames, name, out / f"field_{name}.gif")
+def train_all(args: argparse.Namespace, out: Path) -> None:
+    """Train every (method, seed) in turn; save each run, and its GIF, as soon as it is done."""
+    kind = args.vector_field
+    if args.use_wandb:
+        _require_wandb()  # fail before training, not after it
+    gmm = GMM.random(args.dim, args.components, args.gmm_seed)
+    evaluator = FisherEval(gmm, kind, EVAL_TS, args.eval_samples, args.eval_seed)
+    atomic_write_json(out / f"gmm_d{args.dim}_k{args.components}_s{args.gmm_seed}.json",
+                      {"dim": args.dim, "components": args.components,
+                       "gmm_seed": args.gmm_seed, **gmm.to_json()})
+    for exp in args.exp:
+        for seed in args.seed:
+            run = _init_wandb(args, exp, seed) if args.use_wandb else None
+            rec = train_run(args, exp, seed, gmm, evaluator, not args.no_progress, run)
+            frames = rec.get("_frames")
+            save_run(out, rec)
+            name = run_name(exp, kind, seed, args.time_budget)
+            if frames is not None:
+                render_gif(frames, name, out / f"field_{name}.gif")
+            if run is not None:
+                run.finish()
+            print(f"{name}: final Fisher divergence (EMA) avg "
+                  f"{rec['final']['fd_ema_avg']:.5f} after {rec['steps_done']} steps, "
+                  f"{rec['step_seconds']:.1f} s training clock ({rec['ms_per_step']:.2f} "
+                  f"ms/step, evaluations excluded), {rec['eval_seconds']:.1f} s evaluating",
+                  flush=True)
 
+
+def redraw_gifs(out: Path, kind: str, time_budget: float | None) -> None:
+    """The GIF of every saved run with field frames (``--only_plot --enable_visualization``)."""
+    tag = budget_tag(time_budget)
+    for p in sorted((out / "runs").glob(f"*-{kind}{tag}-seed*.frames.npz")):
+        with np.load(p) as z:
+            frames = {k: z[k] for k in z.files}
+        name = p.name[:-len(".frames.npz")]
+        render_gif(frames, name, out / f"field_{name}.gif")
+
+
+def write_summary(args: argparse.Namespace, out: Path) -> int:
+    """Summary table and comparison plots of the saved runs of these settings; when there are
+    none, say why on stderr. Returns the exit status (1: ``--only_plot`` had nothing to do)."""
+    kind, key = args.vector_field, study_key(args)
     runs = load_runs(out, key)
     if runs:
         summary = summarize(runs)
@@ -1218,17 +1262,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_fisher(runs, kind, out / f"fisher_{kind}{tag}.png")
         plot_fisher_vs_t(runs, kind, out / f"fisher_vs_t_{kind}{tag}.png")
         print(md)
-    else:
-        others = list((out / "runs").glob(f"*-{kind}*-seed*.json"))
-        if others:  # runs of another configuration: say so instead of plotting nothing silently
-            rec = json.loads(others[0].read_text()).get("study", {})
-            diff = {k: (rec.get(k), v) for k, v in key.items() if rec.get(k) != v}
-            print(f"no saved runs match these settings; {others[0].name} differs in "
-                  f"(saved, given): {diff}", file=sys.stderr)
-        if args.only_plot and args.no_plot_variance:
-            print(f"nothing to plot under {out}", file=sys.stderr)
-            return 1
+        return 0
+    others = list((out / "runs").glob(f"*-{kind}*-seed*.json"))
+    if others:  # runs of another configuration: say so instead of plotting nothing silently
+        rec = json.loads(others[0].read_text()).get("study", {})
+        diff = {k: (rec.get(k), v) for k, v in key.items() if rec.get(k) != v}
+        print(f"no saved runs match these settings; {others[0].name} differs in "
+              f"(saved, given): {diff}", file=sys.stderr)
+    if args.only_plot and args.no_plot_variance:
+        print(f"nothing to plot under {out}", file=sys.stderr)
+        return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"exp": args.exp, "seed": args.seed, **study_key(args)}), flush=True)
+    try:
+        if not args.no_plot_variance:
+            variance_curves(args, out)
+        if not args.only_plot:
+            train_all(args, out)
+        elif args.enable_visualization:
+            redraw_gifs(out, args.vector_field, args.time_budget)
+        return write_summary(args, out)
+    except UsageError as e:
+        return cli_error(PROG, e)
 
 
 if __name__ == "__main__":

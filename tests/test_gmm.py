@@ -116,9 +116,9 @@ def test_cfm_variance_end_points_are_hand_values():
 def test_cfm_variance_matches_monte_carlo_deviation(kind):
     gmm = G.GMM.random(10, 100, seed=0)
     for t in (0.2, 0.5, 0.8):
-        total, between = G.cfm_variance_exact(gmm, t, 20000, kind,
+        total, between = G.cfm_variance_curve(gmm, t, 20000, kind,
                                               torch.Generator().manual_seed(1))
-        mc = G.cfm_deviation_exact(gmm, t, 20000, kind, torch.Generator().manual_seed(2))
+        mc = G.cfm_deviation_curve(gmm, t, 20000, kind, torch.Generator().manual_seed(2))
         se = float(mc.std() / math.sqrt(mc.numel()))
         assert float(total.mean()) == pytest.approx(float(mc.mean()), abs=5 * se)
         assert (between <= total + 1e-12).all() and (between >= 0).all()
@@ -144,12 +144,14 @@ def test_empirical_variance_hand_values():
         a ** 2 * var_x0 / t ** 4)
     # one data point: the posterior is certain, the CFM target has no variance
     single = torch.tensor([[0.3, -0.4]])
-    v = G.cfm_variance_empirical(single, 0.7, 16, "velocity", torch.Generator().manual_seed(0))
+    v = G.empirical_cfm_variance_curve(single, 0.7, 16, "velocity",
+                                       torch.Generator().manual_seed(0))
     assert float(v.abs().max()) < 1e-12
     # two points far apart at small t: still certain; at t near 1: Var(x0) = 1 per dim (+-1)
     g = torch.Generator().manual_seed(0)
-    assert float(G.cfm_variance_empirical(data * 50, 0.05, 64, "velocity", g).max()) < 1e-12
-    v1 = G.cfm_variance_empirical(data, 1 - 1e-9, 4000, "velocity", g)
+    assert float(G.empirical_cfm_variance_curve(data * 50, 0.05, 64, "velocity", g).max()) \
+        < 1e-12
+    v1 = G.empirical_cfm_variance_curve(data, 1 - 1e-9, 4000, "velocity", g)
     assert float(v1.mean()) == pytest.approx(1.0, rel=1e-6)
 
 
@@ -321,7 +323,10 @@ def test_time_budget_counts_training_steps_only(monkeypatch):
     """A fake clock: every batch costs 0.25 s and every evaluation 5 s. With a 1 s budget the
     run must stop after exactly 4 steps (evaluations not counted), evaluating at 0, 3 and 4."""
     now = [100.0]
-    monkeypatch.setattr(G, "_clock", lambda: now[0])
+
+    def clock() -> float:
+        return now[0]
+
     real_batch = G.make_batch
 
     def slow_batch(*a, **k):
@@ -344,15 +349,17 @@ def test_time_budget_counts_training_steps_only(monkeypatch):
     common = ["--eval-every", "3", "--batch-size", "8", "--ref-size", "16", "--dim", "2",
               "--components", "3", "--hidden", "8"]
     args = G.parse_args(common + ["--time-budget", "1", "--steps", "2"])
-    rec = G.train_run(args, "cfm_equal_data", 0, gmm, slow_eval, progress=False)
+    rec = G.train_run(args, "cfm_equal_data", 0, gmm, slow_eval, progress=False, clock=clock)
     assert rec["steps_done"] == 4 and rec["steps"] == [0, 3, 4]    # --steps 2 is ignored
     assert rec["clock"] == [0.0, 0.75, 1.0] and rec["step_seconds"] == 1.0
     assert rec["ms_per_step"] == pytest.approx(250.0)
+    # the whole loop on the same clock: 4 steps, then two evaluations of EMA and raw model
+    assert rec["train_seconds"] == 21.0 and rec["eval_seconds"] == 20.0
     assert rec["time_budget"] == 1.0 and rec["study"]["time_budget"] == 1.0
     assert rec["study"]["steps"] is None
     # without a budget the step count decides, whatever the clock says
     args = G.parse_args(common + ["--steps", "7"])
-    rec = G.train_run(args, "cfm", 0, gmm, slow_eval, progress=False)
+    rec = G.train_run(args, "cfm", 0, gmm, slow_eval, progress=False, clock=clock)
     assert rec["steps_done"] == 7 and rec["steps"] == [0, 3, 6, 7]
     assert rec["step_seconds"] == 1.75 and rec["time_budget"] is None
 
@@ -517,10 +524,12 @@ def test_data_path_without_manifest(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
-def test_wandb_missing_is_reported_before_training(tmp_path, monkeypatch):
+def test_wandb_missing_is_reported_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)       # import wandb -> ImportError
-    with pytest.raises(SystemExit, match="pip install wandb"):
-        G.main(["--use_wandb", "--no_plot_variance", "--out", str(tmp_path), *TINY])
+    assert G.main(["--use_wandb", "--no_plot_variance", "--out", str(tmp_path), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gmm_exp.py: error: --use_wandb needs the wandb package")
+    assert "pip install wandb" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
 
 
