@@ -140,7 +140,7 @@ def test_meanflow_clear_errors(digits8, tmp_path, capsys, args, needle):
 
 def test_forwards_per_image_counts_the_jvp_and_guidance():
     from configs import TrainingConfig
-    from train import forwards_per_image
+    from training.monitor import forwards_per_image
     assert forwards_per_image(TrainingConfig()) == 3
     assert forwards_per_image(TrainingConfig(loss_type="meanflow")) == 5
     assert forwards_per_image(TrainingConfig(loss_type="meanflow", cfg_omega=2.0)) == 7

@@ -296,7 +296,7 @@ def test_repa_readme_command_flags_parse():
         "--output-dir=exps", "--exp-name=linear-dinov2-b-enc8", "--data-dir=DATA"])
     assert (cfg.enc_type, cfg.proj_coeff, cfg.encoder_depth, cfg.mixed_precision) == \
         ("dinov2-vit-b", 0.5, 8, "fp16")
-    from train import resolve
+    from training.resolve import resolve
     assert resolve(cfg, given, None).use_proj_loss  # REPA: --enc-type turns the term on
     cfg, _ = parse_config(["--loss-type", "stablevm", "--bank-capacity-per-class", "128",
                            "--prefill-bank-fully", "--disp", "--use-proj-loss",
@@ -316,7 +316,7 @@ def test_repa_readme_command_flags_parse():
 
 def test_lr_schedule_by_hand():
     from configs import TrainingConfig
-    from train import lr_at
+    from training.loop import lr_at
     c = TrainingConfig(learning_rate=1e-3, lr_warmup_steps=4, lr_schedule="cosine", lr_min=1e-4)
     assert [lr_at(s, c, 14) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert lr_at(4, c, 14) == pytest.approx(1e-3)
