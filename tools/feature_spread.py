@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import UsageError, atomic_write_text, cli_error  # noqa: E402
-from losses.dispersive import _sq_dists, dispersive_loss  # noqa: E402
+from common import UsageError, atomic_write_text, cli_error, pairwise_sq_dists  # noqa: E402
+from losses.dispersive import dispersive_loss  # noqa: E402
 
 TIMES = (0.25, 0.5, 0.75)
 
@@ -32,7 +32,8 @@ def spread(z: torch.Tensor) -> dict[str, float]:
     of features ``z`` (B, ...)."""
     z = z.flatten(1).double()
     b, m = z.shape
-    d = _sq_dists(z, z) / m  # the dispersive loss's own distances, in float64
+    zc = z - z.mean(0, keepdim=True)  # translation keeps distances, centring keeps them exact
+    d = pairwise_sq_dists(zc, zc) / m  # the dispersive loss's distance helper, in float64
     off = d[~torch.eye(b, dtype=torch.bool)]
     return {"rms": z.square().mean().sqrt().item(), "median_sq_dist": off.median().item(),
             "infonce_l2": dispersive_loss(z[:64]).item()}
