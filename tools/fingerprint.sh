@@ -10,7 +10,7 @@
 # dispersive, restricted-noise contrastive), every sampler (ODE with CFG, SDE, 1-step MeanFlow)
 # and the digits metric's JSON. Takes a few minutes on 2 cores.
 set -euo pipefail
-OUT=${1:?usage: fingerprint.sh OUT_DIR}
+OUT=$(realpath -m "${1:?usage: fingerprint.sh OUT_DIR}")
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONHASHSEED=0
 rm -rf "$OUT"
@@ -38,7 +38,9 @@ run "${GEN[@]}" --ckpt "$OUT/runs/stablevm" --mode sde --num-steps 8 \
   --sample-dir "$OUT/gen/sde"
 run "${GEN[@]}" --ckpt "$OUT/runs/meanflow-disp" --mode meanflow --num-steps 1 \
   --sample-dir "$OUT/gen/meanflow-1"
-run python evaluate.py digits "$OUT/gen/ode-cfg/samples.npz" --json "$OUT/digits.json"
+# from inside OUT: the metric JSON records the samples path, which must not name OUT
+REPO=$PWD
+(cd "$OUT" && run python "$REPO/evaluate.py" digits gen/ode-cfg/samples.npz --json digits.json)
 
 cd "$OUT"
 sha256sum data/shard-*.safetensors data/manifest.json \
