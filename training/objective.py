@@ -56,10 +56,10 @@ class Objective:
     """Makes the training batch of the configured objective and returns its named loss terms.
 
     SI: noise the loader's latents (:func:`noisy_batch`: one view, or two for the contrastive
-    baseline). StableVM: push them into the memory bank and draw the batch from it (:func:`losses.build_stablevm_batch`). MeanFlow:
-    draw (t, r) and noise (:func:`losses.meanflow_batch`); the target is a JVP through the plain
-    module. With REPA the frozen encoders' features of the batch's images are the alignment
-    targets.
+    baseline). StableVM: push them into the memory bank and draw the batch from it
+    (:func:`losses.build_stablevm_batch`). MeanFlow: draw (t, r) and noise
+    (:func:`losses.meanflow_batch`); the target is a JVP through the plain module. With REPA the
+    frozen encoders' features of the batch's images are the alignment targets.
     """
 
     def __init__(self, cfg: TrainingConfig, loader: ShardLoader, depth: int, device: torch.device,
@@ -121,6 +121,7 @@ class Objective:
             return b, [enc(imgs) for enc in self.encoders]
 
     def losses(self, model: nn.Module, b: dict, targets: list | None) -> dict[str, torch.Tensor]:
+        """The named terms of one forward pass of ``model`` (``loss`` is their weighted sum)."""
         with runtime.autocast(self.device, self.cfg.mixed_precision):
             if self.mf is not None:
                 return meanflow_losses(model, self.raw_forward, b, depth=self.depth, mf=self.mf,
