@@ -4,6 +4,7 @@ project, so any module may import it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,27 @@ class UsageError(Exception):
 
 
 USAGE_EXIT = 2  # argparse's own status for a bad command line
+
+
+class WriteFailed(UsageError):
+    """A file could not be written (disk full, file-size limit, I/O error). Earlier files are
+    intact and the partial temporary file is gone, so the same command continues once there is
+    room."""
+
+    def __init__(self, path: str | os.PathLike, needed: int, error: OSError):
+        self.path, self.needed, self.error = Path(path), needed, error
+        super().__init__(f"cannot write {path}: {error.strerror or error} (it needs about {needed:,} "
+                         f"bytes; {free_bytes(Path(path).parent):,} free there); free some "
+                         "space and rerun the same command to continue")
+
+
+def free_bytes(directory: str | os.PathLike) -> int:
+    """Bytes available to this user on the filesystem of ``directory`` (-1 if unknown)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
 
 
 def cli_error(prog: str, error: BaseException | str) -> int:
@@ -47,14 +69,21 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp name in the same directory, fsync, then rename over ``path``."""
+    """Write to a temp name in the same directory, fsync, then rename over ``path``. When the
+    write fails (ENOSPC, EFBIG, EIO, ...) the temp file is removed, ``path`` keeps its previous
+    content, and :class:`WriteFailed` names the path and the bytes it needed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise WriteFailed(path, len(data), e) from None
     fsync_dir(path.parent)
 
 

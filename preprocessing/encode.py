@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import runtime
-from common import (UsageError, atomic_write_json, cli_error, mix_seed, sha256_file,
+from common import (UsageError, WriteFailed, atomic_write_json, cli_error, mix_seed, sha256_file,
                     with_default_command)
 from preprocessing import shards as fmt
 from preprocessing.sources import CroppedItems, SourceError, collate_list, open_source
@@ -393,29 +393,29 @@ def encode_shards(args: argparse.Namespace, source, vae, layout: Layout, config_
     dtype = DTYPES[args.dtype]
     cur, written = None, 0
     t0 = time.time()
-    for (s, _, last), items in zip(batches, loader):
-        if cur is None:
-            cur = {"parts": [], "labels": [], "index": [], "failed": [], "upsampled": 0}
-        good = [(k, a, small) for k, a, small, err in items if a is not None]
-        for k, a, small, err in items:
-            if err is not None:
-                i = int(positions[k])
-                cur["failed"].append({"index": i, "name": source.name(i), "error": err})
-        if good:
-            idx = [int(positions[k]) for k, _, _ in good]
-            cur["parts"].append(encode_batch(vae, [a for _, a, _ in good], idx, args,
-                                             state.device))
-            cur["labels"] += [source.label(i) for i in idx]
-            cur["index"] += idx
-            cur["upsampled"] += sum(small for _, _, small in good)
-        bar.update(len(items))
-        if last:
-            write_one_shard(dest, s, cur["parts"], cur["labels"], cur["index"], cur["failed"],
-                            cur["upsampled"], layout.key, dtype, layout.sample_shape, config_sha,
-                            args)
-            cur, written = None, written + 1
-            bar.set_postfix(shard=s)
-    bar.close()
+    with bar:  # closed before an error is printed, so the message starts its own line
+        for (s, _, last), items in zip(batches, loader):
+            if cur is None:
+                cur = {"parts": [], "labels": [], "index": [], "failed": [], "upsampled": 0}
+            good = [(k, a, small) for k, a, small, err in items if a is not None]
+            for k, a, small, err in items:
+                if err is not None:
+                    i = int(positions[k])
+                    cur["failed"].append({"index": i, "name": source.name(i), "error": err})
+            if good:
+                idx = [int(positions[k]) for k, _, _ in good]
+                cur["parts"].append(encode_batch(vae, [a for _, a, _ in good], idx, args,
+                                                 state.device))
+                cur["labels"] += [source.label(i) for i in idx]
+                cur["index"] += idx
+                cur["upsampled"] += sum(small for _, _, small in good)
+            bar.update(len(items))
+            if last:
+                write_one_shard(dest, s, cur["parts"], cur["labels"], cur["index"],
+                                cur["failed"], cur["upsampled"], layout.key, dtype,
+                                layout.sample_shape, config_sha, args)
+                cur, written = None, written + 1
+                bar.set_postfix(shard=s)
     if len(positions):
         dt = time.time() - t0
         print(f"[rank {state.process_index}] encoded {len(positions)} images in {dt:.1f}s "
@@ -476,12 +476,15 @@ def main(argv: list[str] | None = None) -> int:
         return cli_error(PROG, e)
     config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     num_shards, positions, batches = plan_shards(args, len(source), dest, old_manifest, state)
-    encoded_now = encode_shards(args, source, vae, layout, config_sha, dest, positions, batches,
-                                state)
-    if not state.is_main_process:
-        return 0
-    return finish(args, dest, num_shards, encoded_now, old_manifest, config, config_sha, source,
-                  layout, vae_ident)
+    try:
+        encoded_now = encode_shards(args, source, vae, layout, config_sha, dest, positions,
+                                    batches, state)
+        if not state.is_main_process:
+            return 0
+        return finish(args, dest, num_shards, encoded_now, old_manifest, config, config_sha,
+                      source, layout, vae_ident)
+    except WriteFailed as e:  # a full disk: finished shards stay; the rerun does the rest
+        return cli_error(PROG, e)
 
 
 def build_manifest(config: dict, config_sha: str, source, records: list[dict], key: str,

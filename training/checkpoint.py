@@ -8,17 +8,20 @@ export generate.py samples from.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from common import UsageError, atomic_write_text, save_safetensors_atomic, sha256_file
+from common import (UsageError, WriteFailed, atomic_write_text, save_safetensors_atomic,
+                    sha256_file)
 
 CKPT_RE = re.compile(r"^step-(\d{7,})$")
 CHECKSUMS = "checksums.json"  # written last: a checkpoint without it is not complete
@@ -137,6 +140,20 @@ def sampling_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("projectors.")}
 
 
+def as_os_error(e: BaseException) -> OSError | None:
+    """``e`` as the OSError of a failed write, or None when it is something else. torch.save and
+    safetensors wrap the operating system's error in their own exception types."""
+    if isinstance(e, OSError):
+        return e
+    text = str(e)
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+    if "failed writing" in text.lower() or "i/o error" in text.lower():
+        return OSError(errno.EIO, text.splitlines()[0])
+    return None
+
+
 class Checkpointer:
     """Saves and loads exactly the objects it is given (as EDM2's checkpoint I/O does): the
     accelerator's prepared model and optimizer (and RNG states), the data loader's position, the
@@ -208,12 +225,28 @@ class Checkpointer:
     def save(self, step: int, log_window: dict | None = None) -> None:
         """Write checkpoints/step-N (temp dir, checksums last, rename), export the EMA, keep the
         last K. The caller has checked that the state is finite. ``log_window``: the metrics'
-        open window (:meth:`training.monitor.MetricsLog.state_dict`), restored on resume."""
+        open window (:meth:`training.monitor.MetricsLog.state_dict`), restored on resume.
+
+        A write that fails on any process (disk full, file-size limit, I/O error) removes the
+        temporary directory and raises :class:`common.WriteFailed` on every process; the earlier
+        checkpoints stay intact (pruning happens only after the new one is complete)."""
         final, tmp = self.dir / f"step-{step:07d}", self.dir / f".tmp-step-{step:07d}"
+        needed = self._needed_bytes()
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
+        self._all_or_none(lambda: self._write_state(tmp, step, log_window), tmp, needed)
+        self._all_or_none(lambda: self._complete(tmp, final, step) if self.is_main else None,
+                          tmp, needed)
+        self._all_or_none(lambda: self.export_ema(step) if self.is_main else None, tmp, needed)
+        if self.is_main:
+            self._prune()
+        self.accelerator.wait_for_everyone()
+
+    def _write_state(self, tmp: Path, step: int, log_window: dict | None) -> None:
+        """Every process writes its part of the checkpoint into ``tmp``."""
+        if self.is_main:
             tmp.mkdir()
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
@@ -225,15 +258,45 @@ class Checkpointer:
             save_safetensors_atomic(self.bank.state_dict(), tmp / f"bank-{self.rank}.safetensors")
         if self.is_main:
             save_safetensors_atomic(self.ema.state_dict(), tmp / "ema.safetensors")
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            self._write_checksums(tmp, step)
-            if final.exists():  # an incomplete leftover (no checksums) of an interrupted run
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self.export_ema(step)
-            self._prune()
-        self.accelerator.wait_for_everyone()
+
+    def _complete(self, tmp: Path, final: Path, step: int) -> None:
+        """Checksums last, then the rename that makes the checkpoint exist (main process)."""
+        self._write_checksums(tmp, step)
+        if final.exists():  # an incomplete leftover (no checksums) of an interrupted run
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def _all_or_none(self, write: Callable[[], None], tmp: Path, needed: int) -> None:
+        """Run ``write`` on every process, then agree: if it failed anywhere, remove ``tmp`` and
+        raise the failure everywhere (no process is left waiting for another)."""
+        from accelerate.utils import gather_object
+        problem = None
+        try:
+            write()
+        except WriteFailed as e:
+            problem = str(e)
+        except Exception as e:  # torch.save / safetensors inside accelerate's save_state
+            os_error = as_os_error(e)
+            if os_error is None:
+                raise
+            problem = str(WriteFailed(tmp, needed, os_error))
+        problems = [p for p in (gather_object([problem]) if self.world > 1 else [problem]) if p]
+        if problems:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            raise UsageError(problems[0])
+
+    def _needed_bytes(self) -> int:
+        """The size of a checkpoint: the latest one's, or before the first, model + EMA + two
+        Adam moments (four times the EMA weights) and the bank."""
+        latest = self.latest()
+        if latest is not None:
+            return sum(f.stat().st_size for f in latest[1].rglob("*") if f.is_file())
+        ema = sum(t.numel() * t.element_size() for t in self.ema.state_dict().values())
+        bank = 0 if self.bank is None else sum(t.numel() * t.element_size()
+                                               for t in self.bank.state_dict().values())
+        return 4 * ema + bank
 
     def export_ema(self, step: int) -> None:
         """RUN_DIR/ema.safetensors: the EMA weights generate.py samples, tagged with ``step``."""

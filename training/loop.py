@@ -71,37 +71,37 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         run.say(run.objective.prefill_bank(run.micro_batch, run.rank, run.world))
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train", unit="step",
                disable=not run.is_main, dynamic_ncols=True)
-    metrics, guard = make_metrics(run, bar), make_guard(run, step, checkpoints)
-    metrics.load_state_dict(log_window)
-    data = endless(run.loader)
+    with bar:  # closed before an error is printed, so the message starts its own line
+        metrics, guard = make_metrics(run, bar), make_guard(run, step, checkpoints)
+        metrics.load_state_dict(log_window)
+        data = endless(run.loader)
 
-    while step < cfg.max_train_steps:
-        lr = lr_at(step, cfg, cfg.max_train_steps)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        terms = train_step(run, data, step)
-        metrics.add(terms, guard.update(terms))
-        step += 1
-        bar.update(1)
-        last = step == cfg.max_train_steps
-        log_now = step % cfg.log_every == 0 or last
-        grid_now = cfg.sampling_steps > 0 and step % cfg.sampling_steps == 0
-        eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0
-        save_now = step % cfg.checkpointing_steps == 0 or last
-        if log_now:
-            metrics.write(step, lr)  # the line is written (nulls for NaN) before a stop
-        if log_now or grid_now or eval_now or save_now:  # points that sync anyway
-            guard.check(step, weights=save_now)
-        with metrics.paused():  # previews, evaluations and checkpoints are not training time
-            if grid_now:
-                grid(step)
-            if eval_now:
-                evaluation(step)
-                run.accelerator.wait_for_everyone()
-            if save_now:
-                checkpoints.save(step, metrics.state_dict())
+        while step < cfg.max_train_steps:
+            lr = lr_at(step, cfg, cfg.max_train_steps)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            terms = train_step(run, data, step)
+            metrics.add(terms, guard.update(terms))
+            step += 1
+            bar.update(1)
+            last = step == cfg.max_train_steps
+            log_now = step % cfg.log_every == 0 or last
+            grid_now = cfg.sampling_steps > 0 and step % cfg.sampling_steps == 0
+            eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0
+            save_now = step % cfg.checkpointing_steps == 0 or last
+            if log_now:
+                metrics.write(step, lr)  # the line is written (nulls for NaN) before a stop
+            if log_now or grid_now or eval_now or save_now:  # points that sync anyway
+                guard.check(step, weights=save_now)
+            with metrics.paused():  # previews, evaluations and checkpoints are not training time
+                if grid_now:
+                    grid(step)
+                if eval_now:
+                    evaluation(step)
+                    run.accelerator.wait_for_everyone()
+                if save_now:
+                    checkpoints.save(step, metrics.state_dict())
 
-    bar.close()
     guard.check(step, weights=True)
     if cfg.sampling_steps == 0 or step % cfg.sampling_steps:
         grid(step)
