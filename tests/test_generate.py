@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import generate
+from samplers import make_labels
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 11
@@ -66,7 +67,7 @@ def test_npz_format_like_adm_evaluator(run_dir, tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (N, 8, 8, 3)
     labels = f["arr_1"]
     assert labels.dtype == np.int64 and labels.shape == (N,)
-    np.testing.assert_array_equal(labels, generate.make_labels(N, 10, "random", 3))
+    np.testing.assert_array_equal(labels, make_labels(N, 10, "random", 3))
     assert len({arr[i].tobytes() for i in range(N)}) == N  # the model is not constant
     side = json.loads((tmp_path / "s" / "samples.json").read_text())
     for key in ("checkpoint_sha256", "model", "mode", "num_steps", "heun", "cfg_scale",
@@ -122,7 +123,7 @@ def test_rerun_with_other_settings_is_refused(run_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("n,c", [(50, 10), (20, 4), (23, 10), (7, 10)])
 def test_equal_labels(n, c):
-    labels = generate.make_labels(n, c, "equal", 0)
+    labels = make_labels(n, c, "equal", 0)
     assert labels.shape == (n,) and labels.dtype == np.int64
     counts = np.bincount(labels, minlength=c)
     q, r = divmod(n, c)
@@ -133,14 +134,14 @@ def test_equal_labels(n, c):
     np.testing.assert_array_equal(counts, expected)
     if r == 0:
         assert (counts == n // c).all()
-    np.testing.assert_array_equal(labels, generate.make_labels(n, c, "equal", 0))
+    np.testing.assert_array_equal(labels, make_labels(n, c, "equal", 0))
     assert not np.array_equal(labels, np.sort(labels)) or n < 3  # shuffled
 
 
 def test_random_labels_reproducible():
-    a = generate.make_labels(100, 10, "random", 5)
-    np.testing.assert_array_equal(a, generate.make_labels(100, 10, "random", 5))
-    assert not np.array_equal(a, generate.make_labels(100, 10, "random", 6))
+    a = make_labels(100, 10, "random", 5)
+    np.testing.assert_array_equal(a, make_labels(100, 10, "random", 5))
+    assert not np.array_equal(a, make_labels(100, 10, "random", 6))
     assert a.min() >= 0 and a.max() < 10
 
 
