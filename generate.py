@@ -13,7 +13,8 @@ Checkpoint contract (what ``--ckpt`` may point to)
 - that ``ema.safetensors`` directly (``config.json`` is read from its directory when present);
 - a Hub model folder (``config.json`` + ``model.safetensors``: export.py or ``train.py
   --push-to-hub`` writes it), or the Hub id ``ORG/NAME`` of one, read from the local HF cache only
-  (fetch it first with ``hf download ORG/NAME``); the samples are those of the run directory;
+  (fetch it first with ``hf download ORG/NAME``; a local path of that name wins); the samples
+  are those of the run directory;
 - a REPA/SiT-style ``.pt`` file (loaded with ``weights_only=True``; 'ema' entry preferred) or any
   ``.safetensors`` state dict; without a ``config.json`` next to it, the model comes from the flags
   (``--model``, ``--resolution``, ``--vae``, ``--num-classes``, ``--qk-norm``, ...; REPA defaults).

@@ -16,6 +16,7 @@ line says how to push it later (``hf upload ID FOLDER``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -159,7 +160,7 @@ def objective_flags(train: dict) -> list[tuple[str, str]]:
     skip = {"legacy"} | ({"contrastive_noise", "contrastive_delta"}
                          if train.get("contrastive", "none") == "none" else set())
     out = []
-    for f in TrainingConfig.__dataclass_fields__.values():
+    for f in dataclasses.fields(TrainingConfig):
         group, value = f.metadata["group"], train.get(f.name)
         if group in on and f.name in train and f.name not in skip and (
                 on[group] or f.name in ("disp", "use_proj_loss")):
@@ -236,14 +237,18 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         raise UsageError(f"{out} exists and is not a Hub model folder; choose another --out")
     config, state, step = read_run(run_dir)
     model = build_hub_model(config, state)
-    tmp, old = out.with_name(f".{out.name}.tmp-{os.getpid()}"), out.with_name(f".{out.name}.old")
+    where = out.absolute()  # `--out .` has no name to put a temporary folder beside
+    tmp = where.with_name(f".{where.name}.tmp-{os.getpid()}")
+    old = where.with_name(f".{where.name}.old")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp, model_card_kwargs=card_kwargs(run_dir, config, step, model,
                                                              repo_id, out))
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
+    # safetensors writes owner-only files; the folder is for sharing: the run export's mode
+    shutil.copymode(run_dir / "ema.safetensors", tmp / HUB_WEIGHTS)
+    if where.exists():
+        os.replace(where, old)
+    os.replace(tmp, where)
     shutil.rmtree(old, ignore_errors=True)
     return out
 
