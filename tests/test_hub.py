@@ -80,6 +80,8 @@ def test_folder_holds_the_ema_weights_and_the_model_contract(trained):
     assert sorted(hub) == sorted(ema) and not any(k.startswith("projectors.") for k in hub)
     for k in ema:
         assert torch.equal(hub[k], ema[k]), k
+    mode = (run_dir / "ema.safetensors").stat().st_mode  # shared as the run's export is
+    assert (run_dir / "hub" / "model.safetensors").stat().st_mode == mode
     config = json.loads((run_dir / "hub" / "config.json").read_text())
     # what the tiny run's flags (tests/conftest.py TINY) and the 8x8 pixel digits fix
     assert config["model"] == "SiT-S/2" and config["input_size"] == 8
