@@ -206,6 +206,14 @@ class TrainingConfig:
     ckpt: str | None = _f(None, "SiT/DispLoss compatibility: a checkpoint directory to resume, or a "
                           "SiT/REPA weights file (.pt/.safetensors) to start from", group="run")
     dry_run: bool = _f(False, "print the resolved configuration and exit", group="run")
+    # -- sharing on the Hugging Face Hub (README, "Sharing a model on the Hub") ------------------
+    push_to_hub: bool = _f(False, "at the end, write RUN_DIR/hub (config.json, model.safetensors "
+                           "of the EMA, a model card) and upload it with your Hugging Face login "
+                           "(`hf auth login`; offline: the command to push later is printed)",
+                           aliases=("--push_to_hub",), group="hub")
+    hub_model_id: str | None = _f(None, "Hub repository ORG/NAME (or NAME, under your account) "
+                                  "of --push-to-hub (default: the run directory's name)",
+                                  aliases=("--hub_model_id",), group="hub")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,6 +11,10 @@ Checkpoint contract (what ``--ckpt`` may point to)
 --------------------------------------------------
 - a run directory holding ``ema.safetensors`` (the EMA SiT state dict) and ``config.json``;
 - that ``ema.safetensors`` directly (``config.json`` is read from its directory when present);
+- a Hub model folder (``config.json`` + ``model.safetensors``: export.py or ``train.py
+  --push-to-hub`` writes it), or the Hub id ``ORG/NAME`` of one, read from the local HF cache only
+  (fetch it first with ``hf download ORG/NAME``; a local path of that name wins); the samples
+  are those of the run directory;
 - a REPA/SiT-style ``.pt`` file (loaded with ``weights_only=True``; 'ema' entry preferred) or any
   ``.safetensors`` state dict; without a ``config.json`` next to it, the model comes from the flags
   (``--model``, ``--resolution``, ``--vae``, ``--num-classes``, ``--qk-norm``, ...; REPA defaults).
@@ -85,7 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode_pos", nargs="?", metavar="ODE|SDE|MEANFLOW", type=str.lower,
                    help="sampler (same as --mode)")
-    p.add_argument("--ckpt", required=True, help="run dir, ema.safetensors or a .pt/.safetensors")
+    p.add_argument("--ckpt", required=True,
+                   help="run dir, ema.safetensors, a Hub model folder or ORG/NAME in the local "
+                        "HF cache, or a .pt/.safetensors")
     p.add_argument("--model", default=None, help="SiT size (default: config.json's, else SiT-XL/2)")
     p.add_argument("--mode", type=str.lower, choices=MODES, default=None,
                    help="sampler (default ode); meanflow: k steps of a MeanFlow model (--num-steps "

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT
 
 # The layers, top to bottom; a module may import its own layer or a lower one.
-SCRIPTS = {"train", "generate", "evaluate", "ablate", "gmm_exp", "preprocessing.encode"}
+SCRIPTS = {"train", "generate", "evaluate", "export", "ablate", "gmm_exp", "preprocessing.encode"}
 LAYERS = [
     ("scripts", lambda m: m in SCRIPTS or m.startswith(("tools.", "bench."))),
     ("training", lambda m: m == "training" or m.startswith("training.")),

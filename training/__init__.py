@@ -10,6 +10,8 @@
 - :mod:`training.monitor`: console, trackers, metrics log, divergence guard, sample grids,
   online evaluation.
 - :mod:`training.load`: :func:`load_run` -- a trained run's model and settings, for sampling.
+- :mod:`training.hub`: a run as a Hub model folder (:class:`~training.hub.HubSiT`, a model card)
+  and its upload (``train.py --push-to-hub``, export.py).
 - :mod:`training.api`: :func:`train_with_dispersive_loss`, for your own loop.
 """
 from .api import train_with_dispersive_loss

@@ -1,11 +1,13 @@
 """Loading a trained run for sampling: the model and the settings to decode its samples, from a
-run directory (``ema.safetensors`` + ``config.json``), a weights file next to a config.json, or a
-REPA/SiT-style checkpoint with the model described by overrides. Used by generate.py, tools/ and
-bench/; generate.py's docstring states the checkpoint contract.
+run directory (``ema.safetensors`` + ``config.json``), a Hub model folder (``model.safetensors`` +
+``config.json``, written by training/hub.py) or a Hub id found in the local HF cache, a weights
+file next to a config.json, or a REPA/SiT-style checkpoint with the model described by overrides.
+Used by generate.py, tools/ and bench/; generate.py's docstring states the checkpoint contract.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -14,16 +16,40 @@ import torch.nn as nn
 from common import UsageError, safetensors_checksum_problem
 
 SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
+HUB_WEIGHTS = "model.safetensors"  # a Hub model folder's weights (PyTorchModelHubMixin's name)
+# "ORG/NAME" (both parts as the Hub allows): a --ckpt of this form that is not a local path is
+# looked up in the local HF cache
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def cached_hub_model(repo_id: str) -> Path:
+    """The folder of Hub model ``repo_id`` in the local HF cache (never the network)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError):  # absent or incomplete; ValueError: a bad id
+        folder = None
+    if folder is None or not all((folder / f).is_file() for f in ("config.json", HUB_WEIGHTS)):
+        raise UsageError(f"{repo_id} is not a local path, and the local Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}) holds no Hub model {repo_id}; download it "
+                         f"with: hf download {repo_id}")
+    return folder
 
 
 def resolve_checkpoint(ckpt: str) -> tuple[Path, dict | None]:
-    """(weights file, config.json contents or None) of a run directory or a weights file."""
+    """(weights file, config.json contents or None) of a run directory, a Hub model folder, a
+    Hub id in the local HF cache or a weights file."""
     path = Path(ckpt).expanduser()
+    if not path.exists() and HUB_ID.match(ckpt):
+        path = cached_hub_model(ckpt)
     if path.is_dir():
-        weights = path / "ema.safetensors"
-        if not weights.is_file():
-            raise UsageError(f"run directory {path} has no ema.safetensors")
-        cfg_path = path / "config.json"
+        weights, cfg_path = path / "ema.safetensors", path / "config.json"
+        if not weights.is_file() and (path / HUB_WEIGHTS).is_file() and cfg_path.is_file():
+            weights = path / HUB_WEIGHTS  # a Hub model folder (training/hub.py)
+        elif not weights.is_file():
+            raise UsageError(f"run directory {path} has no ema.safetensors (nor is it a Hub "
+                             f"model folder: config.json + {HUB_WEIGHTS})")
     elif path.is_file():
         weights, cfg_path = path, path.parent / "config.json"
     else:
@@ -37,6 +63,16 @@ def resolve_checkpoint(ckpt: str) -> tuple[Path, dict | None]:
     return weights, config
 
 
+def model_size(name: str, model_kwargs: dict) -> tuple[dict, dict]:
+    """(size, other SiT kwargs): the registered size of model ``name`` with the size overrides
+    of ``model_kwargs`` (depth, hidden_size, ...) applied, and the rest of ``model_kwargs``."""
+    from models.sit import get_model_config
+    kwargs = dict(model_kwargs)
+    size = get_model_config(name)
+    size.update({k: kwargs.pop(k) for k in SIZE_KEYS if k in kwargs})
+    return size, kwargs
+
+
 def resolve_run(ckpt: str, *, model: str | None = None, vae: str | None = None,
                 resolution: int | None = None, num_classes: int | None = None,
                 qk_norm: bool | None = None, encoder_depth: int | None = None,
@@ -44,7 +80,7 @@ def resolve_run(ckpt: str, *, model: str | None = None, vae: str | None = None,
                 path_type: str | None = None) -> dict:
     """Everything needed to build the model and decode, from config.json and the overrides
     (generate.py's flags of the same names; None: from config.json, else REPA's defaults)."""
-    from models.sit import SiT_models, get_model_config
+    from models.sit import SiT_models
     from models.vae import VAE_ALIASES
 
     weights, config = resolve_checkpoint(ckpt)
@@ -56,8 +92,7 @@ def resolve_run(ckpt: str, *, model: str | None = None, vae: str | None = None,
     if model and cfg.get("model") and model != cfg["model"]:
         for k in SIZE_KEYS:
             kwargs.pop(k, None)
-    size = get_model_config(model_name)
-    size.update({k: kwargs.pop(k) for k in SIZE_KEYS if k in kwargs})
+    size, kwargs = model_size(model_name, kwargs)
 
     if vae is not None:
         vae = None if vae.lower() in ("none", "null", "pixel") else VAE_ALIASES.get(vae, vae)

@@ -109,5 +109,9 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         checkpoints.save(step, metrics.state_dict())  # e.g. resumed at the final step
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
+    if cfg.push_to_hub and run.is_main:  # after the final checkpoint and its EMA export
+        from .hub import publish_run
+        for line in publish_run(run.run_dir, cfg.hub_model_id):
+            run.say(line)
     run.say(f"done: step {step}, run directory {run.run_dir}")
     return {"step": step, "run_dir": str(run.run_dir), "last": metrics.last}

@@ -27,6 +27,16 @@ def step_generator(seed: int, rank: int, step: int, micro: int,
     return torch.Generator(torch.device(device)).manual_seed(mix_seed(seed, rank, step, micro))
 
 
+def objective_terms(train: dict) -> list[str]:
+    """The terms a config optimises, as the run's summary and the model card name them
+    (``train``: :meth:`configs.TrainingConfig.to_dict`, or config.json's ``train``)."""
+    contrastive = train.get("contrastive", "none")
+    return [train["loss_type"]] + (["disp"] if train.get("disp") else []) + (
+        [f"contrastive {contrastive} ({train.get('contrastive_noise')} noise)"]
+        if contrastive != "none" else []) + (
+        ["irepa" if train.get("use_irepa") else "repa"] if train.get("use_proj_loss") else [])
+
+
 def dispersive_from_config(cfg: TrainingConfig, depth: int) -> DispersiveLoss | None:
     """The :class:`DispersiveLoss` a config asks for: a :class:`ContrastiveLoss` with
     ``contrastive`` set (same lambda / tau / blocks), None without either."""

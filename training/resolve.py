@@ -90,8 +90,21 @@ def resolve(cfg: TrainingConfig, given: set[str], manifest: dict | None) -> Trai
                              f"projectors read the output of that block of a depth-{depth} model)")
     if cfg.exp_name is None:
         cfg.exp_name = default_exp_name(cfg)
+    if cfg.push_to_hub:  # as diffusers' examples: the run directory's name by default
+        cfg.hub_model_id = check_hub_model_id(cfg.hub_model_id or cfg.exp_name)
     check_ranges(cfg)
     return cfg
+
+
+def check_hub_model_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub accepts it (ORG/NAME, or NAME under your account), said before
+    training rather than when the run pushes at its end."""
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as e:
+        raise UsageError(f"--hub-model-id {repo_id!r} is not a Hub model id: {e}") from None
+    return repo_id
 
 
 _COUNTS = ("batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",

@@ -22,7 +22,7 @@ from preprocessing.shards import ShardDataset, ShardFormatError, ShardLoader, ha
 from .checkpoint import Checkpointer, check_resume_settings
 from .monitor import (Console, DivergenceGuard, MetricsLog, OnlineEval, Previewer, SampleGrid,
                       forwards_per_image, tracker_name, truncate_logs)
-from .objective import Objective
+from .objective import Objective, objective_terms
 from .resolve import launcher_precision, read_data_manifest, resolve
 
 
@@ -230,10 +230,7 @@ def run_config(run: Run) -> dict:
 def summary(run: Run) -> str:
     """The few lines a run prints at start (config.json has the rest)."""
     cfg, ds = run.cfg, run.dataset
-    terms = [cfg.loss_type] + (["disp"] if cfg.disp else []) + (
-        [f"contrastive {cfg.contrastive} ({cfg.contrastive_noise} noise)"]
-        if cfg.contrastive != "none" else []) + (
-        ["irepa" if cfg.use_irepa else "repa"] if cfg.use_proj_loss else [])
+    terms = objective_terms(cfg.to_dict())
     source = " (from accelerate launch)" if launcher_precision() else ""
     arch = ", ".join(f"{k} {v}" for k, v in run.model_kwargs.items() if k != "qk_norm")
     accum = cfg.gradient_accumulation_steps
