@@ -31,9 +31,10 @@ class WriteFailed(UsageError):
 
     def __init__(self, path: str | os.PathLike, needed: int, error: OSError):
         self.path, self.needed, self.error = Path(path), needed, error
-        super().__init__(f"cannot write {path}: {error.strerror or error} (it needs about {needed:,} "
-                         f"bytes; {free_bytes(Path(path).parent):,} free there); free some "
-                         "space and rerun the same command to continue")
+        free = free_bytes(Path(path).parent)
+        super().__init__(f"cannot write {path}: {error.strerror or error} (it needs about "
+                         f"{needed:,} bytes; {free:,} free there); free some space and rerun "
+                         "the same command to continue")
 
 
 def free_bytes(directory: str | os.PathLike) -> int:

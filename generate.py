@@ -162,7 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Parts and npz bytes.
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An uncompressed .npz like np.savez, but with fixed zip timestamps: same arrays, same bytes."""
+    """An uncompressed .npz like np.savez, but with fixed zip timestamps: same arrays, same
+    bytes."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, arr in arrays.items():

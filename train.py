@@ -17,7 +17,7 @@ Run directory ``OUTPUT_DIR/EXP_NAME``::
                            rank-R.json (step, data position, grad scaler, open log window),
                            bank-R.safetensors
     hub/                   --push-to-hub: the Hub model folder (config.json, model.safetensors,
-                           README.md), then uploaded with the HF login (export.py RUN_DIR: after the fact)
+                           README.md), then uploaded with the HF login (later: export.py RUN_DIR)
 
 Exit status: 0 done, 2 a problem with the flags or files (one line on stderr), 3 the run diverged
 (nothing non-finite was saved; the message names the checkpoint to resume from).

@@ -46,7 +46,8 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train_with_dispersive_loss(model: nn.Module, dataloader: Iterable, optimizer: torch.optim.Optimizer,
+def train_with_dispersive_loss(model: nn.Module, dataloader: Iterable,
+                               optimizer: torch.optim.Optimizer,
                                device: torch.device | str, train_config: TrainingConfig | dict,
                                *, start_step: int = 0,
                                to_latents: Callable[[torch.Tensor, torch.Generator], torch.Tensor]

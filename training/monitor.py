@@ -378,8 +378,10 @@ class OnlineEval:
     def __init__(self, preview: Previewer, accelerator, log_path: Path, say: Callable, *,
                  every: int, labels: torch.Tensor, num_steps: int, cfg_scale: float,
                  metric: Callable[[np.ndarray, np.ndarray], dict], headline: tuple[str, ...]):
-        self.preview, self.accelerator, self.log_path, self.say = preview, accelerator, log_path, say
-        self.every, self.labels, self.num_steps, self.cfg_scale = every, labels, num_steps, cfg_scale
+        self.preview, self.accelerator, self.log_path, self.say = (preview, accelerator,
+                                                                    log_path, say)
+        self.every, self.labels = every, labels
+        self.num_steps, self.cfg_scale = num_steps, cfg_scale
         self.metric, self.headline = metric, headline
 
     def __call__(self, step: int) -> None:

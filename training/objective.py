@@ -1,6 +1,6 @@
 """What a run optimises, in one place: the training batch of the configured objective (SI, the
-contrastive baseline's two views, the StableVM bank, MeanFlow's (t, r)), the regularisers (dispersive,
-REPA alignment) and the per-step random generators that make resume exact.
+contrastive baseline's two views, the StableVM bank, MeanFlow's (t, r)), the regularisers
+(dispersive, REPA alignment) and the per-step random generators that make resume exact.
 
 The loss terms themselves are pure functions in :mod:`losses`; this module chooses and feeds them.
 """

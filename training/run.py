@@ -317,7 +317,8 @@ def make_metrics(run: Run, bar) -> MetricsLog:
 
 def make_guard(run: Run, step: int, checkpoints: Checkpointer) -> DivergenceGuard:
     """The divergence guard over the trained weights and the EMA."""
-    return DivergenceGuard(run.accelerator, step, weights=list(run.trainable) + list(run.ema_params),
+    weights = list(run.trainable) + list(run.ema_params)
+    return DivergenceGuard(run.accelerator, step, weights=weights,
                            scaler_enabled=run.scaler.is_enabled(),
                            max_skips=run.cfg.max_consecutive_skips,
                            latest_checkpoint=checkpoints.latest)
