@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -35,6 +36,43 @@ class WriteFailed(UsageError):
         super().__init__(f"cannot write {path}: {error.strerror or error} (it needs about "
                          f"{needed:,} bytes; {free:,} free there); free some space and rerun "
                          "the same command to continue")
+
+
+PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped on request at a safe point; rerun to continue
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: the time limit, --signal=B:USR1@T
+
+
+class Preempted(Exception):
+    """The program stopped at a safe point after SIGTERM or SIGUSR1; what it finished is saved and
+    the same command continues from there (exit status :data:`PREEMPTED_EXIT`)."""
+
+
+class Preemption:
+    """Records SIGTERM and SIGUSR1 instead of dying, so work stops at the next safe point (an
+    optimizer step, a sampled batch, an encoded shard). A context manager: the previous handlers
+    are restored on exit. Outside the main thread signals cannot be caught and it does nothing."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPT_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _record(self, signum: int, frame) -> None:
+        self.signal = self.signal or signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
 
 def free_bytes(directory: str | os.PathLike) -> int:

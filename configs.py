@@ -155,6 +155,10 @@ class TrainingConfig:
     max_consecutive_skips: int = _f(25, "fp16: stop the run after this many consecutive steps "
                                     "skipped for non-finite gradients (each halves the loss "
                                     "scale)", group="runtime")
+    preemption_check_every: int = _f(
+        10, "several processes: every this many steps they agree whether SIGTERM/SIGUSR1 arrived "
+        "(then all save a checkpoint and exit 75); one process checks every step",
+        group="runtime")
     allow_tf32: bool = _f(True, "TF32 matmuls/convolutions on NVIDIA GPUs", group="runtime")
     compile: bool = _f(False, "torch.compile the model", group="runtime")
     seed: int = _f(0, "seed of model init, data order and noise", aliases=("--global-seed",),

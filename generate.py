@@ -74,8 +74,8 @@ import numpy as np
 if __package__ in (None, ""):  # `python generate.py` from elsewhere: the repository's modules
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (UsageError, atomic_write_bytes, atomic_write_json, cli_error,  # noqa: E402
-                    sha256_file)
+from common import (PREEMPTED_EXIT, Preempted, Preemption, UsageError,  # noqa: E402
+                    atomic_write_bytes, atomic_write_json, cli_error, sha256_file)
 
 PART_RE = re.compile(r"^(\d+)-(\d+)\.npz$")
 MODES = ("ode", "sde", "meanflow")
@@ -306,18 +306,21 @@ def sample_parts(args: argparse.Namespace, model, run: dict, vae, labels: np.nda
     autocast = runtime.autocast(device, "bf16" if args.precision == "bf16" else "no")
     shape_one = (run["in_channels"], run["input_size"], run["input_size"])
     bar = tqdm(total=sum(e - s for s, e in chunks), disable=not is_main, desc="sampling")
-    for s, e in chunks:
-        y = torch.from_numpy(labels[s:e]).to(device)
-        with autocast:
-            z = sample(model, (e - s, *shape_one), args.mode, num_steps=args.num_steps, y=y,
-                       seed=args.global_seed, indices=range(s, e), cfg_scale=args.cfg_scale,
-                       guidance_low=args.guidance_low, guidance_high=args.guidance_high,
-                       heun=args.heun, path_type=run["path_type"])
-            arr = latents_to_uint8(z, vae, run["latent_scale"], run["latent_bias"]).numpy()
-        atomic_write_bytes(parts_dir / f"{s:07d}-{e:07d}.npz",
-                           npz_bytes({"images": arr, "labels": labels[s:e]}))
-        bar.update(e - s)
-    bar.close()
+    with bar, Preemption() as preemption:
+        for s, e in chunks:
+            y = torch.from_numpy(labels[s:e]).to(device)
+            with autocast:
+                z = sample(model, (e - s, *shape_one), args.mode, num_steps=args.num_steps, y=y,
+                           seed=args.global_seed, indices=range(s, e), cfg_scale=args.cfg_scale,
+                           guidance_low=args.guidance_low, guidance_high=args.guidance_high,
+                           heun=args.heun, path_type=run["path_type"])
+                arr = latents_to_uint8(z, vae, run["latent_scale"], run["latent_bias"]).numpy()
+            atomic_write_bytes(parts_dir / f"{s:07d}-{e:07d}.npz",
+                               npz_bytes({"images": arr, "labels": labels[s:e]}))
+            bar.update(e - s)
+            if preemption.requested:  # this batch is saved; a rerun samples the rest
+                raise Preempted(f"stopped by {preemption.signal} after samples [{s}, {e}); "
+                                "rerun the same command to continue")
 
 
 def main(argv=None) -> int:
@@ -390,6 +393,9 @@ def cli(argv=None) -> int:
         return main(argv)
     except UsageError as e:
         return cli_error("generate.py", e)
+    except Preempted as e:
+        print(f"generate.py: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
 
 
 if __name__ == "__main__":

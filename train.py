@@ -20,14 +20,16 @@ Run directory ``OUTPUT_DIR/EXP_NAME``::
                            README.md), then uploaded with the HF login (later: export.py RUN_DIR)
 
 Exit status: 0 done, 2 a problem with the flags or files (one line on stderr), 3 the run diverged
-(nothing non-finite was saved; the message names the checkpoint to resume from).
+(nothing non-finite was saved; the message names the checkpoint to resume from), 75 stopped by
+SIGTERM or SIGUSR1 after writing a checkpoint of the step all processes agreed on (rerun with
+``--resume latest``; docs/CLUSTER.md).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from common import UsageError, cli_error
+from common import PREEMPTED_EXIT, Preempted, UsageError, cli_error
 from configs import parse_config
 from training import train
 from training.monitor import Diverged
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, given)
     except UsageError as e:
         return cli_error("train.py", e)
+    except Preempted as e:
+        if str(e):  # the main process says it once; every process stops at the same step
+            print(f"train.py: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except Diverged as e:
         if str(e):  # the main process says it once; every process stops
             print(f"train.py: error: {e}", file=sys.stderr)

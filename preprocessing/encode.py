@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 import runtime
-from common import (UsageError, WriteFailed, atomic_write_json, cli_error, mix_seed, sha256_file,
+from common import (PREEMPTED_EXIT, Preempted, Preemption, UsageError, WriteFailed,
+                    atomic_write_json, cli_error, mix_seed, sha256_file,
                     with_default_command)
 from preprocessing import shards as fmt
 from preprocessing.sources import CroppedItems, SourceError, collate_list, open_source
@@ -393,7 +394,8 @@ def encode_shards(args: argparse.Namespace, source, vae, layout: Layout, config_
     dtype = DTYPES[args.dtype]
     cur, written = None, 0
     t0 = time.time()
-    with bar:  # closed before an error is printed, so the message starts its own line
+    # the bar is closed before an error is printed, so the message starts its own line
+    with bar, Preemption() as preemption:
         for (s, _, last), items in zip(batches, loader):
             if cur is None:
                 cur = {"parts": [], "labels": [], "index": [], "failed": [], "upsampled": 0}
@@ -416,6 +418,9 @@ def encode_shards(args: argparse.Namespace, source, vae, layout: Layout, config_
                                 layout.sample_shape, config_sha, args)
                 cur, written = None, written + 1
                 bar.set_postfix(shard=s)
+                if preemption.requested:  # this shard is saved; a rerun encodes the rest
+                    raise Preempted(f"stopped by {preemption.signal} after shard {s}; rerun "
+                                    "the same command to continue")
     if len(positions):
         dt = time.time() - t0
         print(f"[rank {state.process_index}] encoded {len(positions)} images in {dt:.1f}s "
@@ -485,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                       source, layout, vae_ident)
     except WriteFailed as e:  # a full disk: finished shards stay; the rerun does the rest
         return cli_error(PROG, e)
+    except Preempted as e:
+        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
 
 
 def build_manifest(config: dict, config_sha: str, source, records: list[dict], key: str,

@@ -6,6 +6,9 @@
     python tests/fault.py kill-before-ema-export STEP -- train.py ARGS...
         SIGKILL the process after checkpoints/step-STEP is complete and renamed, just before
         run_dir/ema.safetensors (the sampling export) is replaced by step STEP's EMA.
+    python tests/fault.py signal-after-save-state SIG:STEP[:RANK] -- train.py ARGS...
+        send signal SIG (TERM, USR1) to the process itself right after accelerate wrote
+        checkpoints/.tmp-step-STEP (inside the checkpoint write); with RANK, only on that rank.
     python tests/fault.py slow-parts SECONDS -- generate.py ARGS...
         sleep SECONDS after each finished part file, so a test can kill generation between parts.
 
@@ -53,6 +56,22 @@ def kill_before_ema_export(step: int) -> None:
     common.save_safetensors_atomic = patched
 
 
+def signal_after_save_state(spec: str) -> None:
+    from accelerate import Accelerator
+    name, step, *rank = spec.split(":")
+    if rank and os.environ.get("RANK", "0") != rank[0]:
+        return
+    save_state = Accelerator.save_state
+
+    def patched(self, output_dir=None, *args, **kwargs):
+        out = save_state(self, output_dir, *args, **kwargs)
+        if output_dir is not None and Path(output_dir).name.endswith(f"step-{int(step):07d}"):
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+        return out
+
+    Accelerator.save_state = patched
+
+
 def slow_parts(seconds: float) -> None:
     import common
     write = common.atomic_write_bytes
@@ -67,6 +86,7 @@ def slow_parts(seconds: float) -> None:
 
 FAULTS = {"kill-after-save-state": lambda v: kill_after_save_state(int(v)),
           "kill-before-ema-export": lambda v: kill_before_ema_export(int(v)),
+          "signal-after-save-state": signal_after_save_state,
           "slow-parts": lambda v: slow_parts(float(v))}
 
 

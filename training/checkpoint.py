@@ -43,6 +43,7 @@ FREE_KEYS = frozenset({
     "num_sample_images", "eval_every", "eval_samples", "eval_num_steps", "eval_cfg_scale",
     "eval_reference", "inception", "vae", "peak_tflops", "num_workers", "compile",
     "verify_shards", "encoder_weights_dir", "allow_config_change", "max_consecutive_skips",
+    "preemption_check_every",
     "fused_attn", "legacy", "allow_tf32", "push_to_hub", "hub_model_id"})
 
 

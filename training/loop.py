@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from common import ema_decay, ema_update
+from common import Preempted, Preemption, ema_decay, ema_update
 from configs import TrainingConfig
 
 from .monitor import start_trackers
@@ -57,6 +57,18 @@ def train_step(run: Run, data: Iterator[dict], step: int) -> dict[str, torch.Ten
     return terms_sum
 
 
+def stop_agreed(preemption: Preemption, step: int, accelerator, every: int) -> bool:
+    """Whether every process stops after ``step``: one process as soon as a signal arrived;
+    several agree every ``every`` steps (one small all-reduce), so all stop at the same step
+    without a host sync per step."""
+    if accelerator.num_processes == 1:
+        return preemption.requested
+    if step % every:
+        return False
+    flag = torch.tensor(float(preemption.requested), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
     """Run the training described by ``cfg`` (``given``: the fields set on the command line);
     returns a summary (final step, run directory, last logged losses)."""
@@ -71,7 +83,8 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
         run.say(run.objective.prefill_bank(run.micro_batch, run.rank, run.world))
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train", unit="step",
                disable=not run.is_main, dynamic_ncols=True)
-    with bar:  # closed before an error is printed, so the message starts its own line
+    # the bar is closed before an error is printed, so the message starts its own line
+    with bar, Preemption() as preemption:
         metrics, guard = make_metrics(run, bar), make_guard(run, step, checkpoints)
         metrics.load_state_dict(log_window)
         data = endless(run.loader)
@@ -88,7 +101,9 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
             log_now = step % cfg.log_every == 0 or last
             grid_now = cfg.sampling_steps > 0 and step % cfg.sampling_steps == 0
             eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0
-            save_now = step % cfg.checkpointing_steps == 0 or last
+            stop_now = stop_agreed(preemption, step, run.accelerator,
+                                   cfg.preemption_check_every)
+            save_now = step % cfg.checkpointing_steps == 0 or last or stop_now
             if log_now:
                 metrics.write(step, lr)  # the line is written (nulls for NaN) before a stop
             if log_now or grid_now or eval_now or save_now:  # points that sync anyway
@@ -101,6 +116,15 @@ def train(cfg: TrainingConfig, given: set[str] | None = None) -> dict:
                     run.accelerator.wait_for_everyone()
                 if save_now:
                     checkpoints.save(step, metrics.state_dict())
+            if stop_now:
+                break
+
+    if step < cfg.max_train_steps:  # stopped on SIGTERM / SIGUSR1, this step's checkpoint saved
+        run.accelerator.end_training()
+        where = checkpoints.dir / f"step-{step:07d}"
+        raise Preempted(f"stopped by {preemption.signal or 'a signal to another process'} at "
+                        f"step {step}; checkpoint {where} written. Rerun the same command with "
+                        "--resume latest to continue" if run.is_main else "")
 
     guard.check(step, weights=True)
     if cfg.sampling_steps == 0 or step % cfg.sampling_steps:

@@ -108,6 +108,7 @@ def check_hub_model_id(repo_id: str) -> str:
 
 
 _COUNTS = ("batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
+           "preemption_check_every",
            "checkpointing_steps", "bank_capacity_per_class", "num_sample_images",
            "sample_num_steps", "max_consecutive_skips")
 # (field, test, what it must be): comparisons are False for NaN, so NaN is refused too
