@@ -141,6 +141,16 @@ def sampling_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("projectors.")}
 
 
+def export_step(path: Path) -> int | None:
+    """The step an EMA export was written at (its metadata); None: missing or unreadable."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {})["step"])
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+
+
 def as_os_error(e: BaseException) -> OSError | None:
     """``e`` as the OSError of a failed write, or None when it is something else. torch.save and
     safetensors wrap the operating system's error in their own exception types."""
@@ -306,12 +316,7 @@ class Checkpointer:
 
     def exported_step(self) -> int | None:
         """The step of RUN_DIR/ema.safetensors (None: missing or unreadable)."""
-        from safetensors import safe_open
-        try:
-            with safe_open(str(self.run_dir / "ema.safetensors"), "pt") as f:
-                return int((f.metadata() or {})["step"])
-        except (OSError, ValueError, KeyError, RuntimeError):
-            return None
+        return export_step(self.run_dir / "ema.safetensors")
 
     def _write_checksums(self, tmp: Path, step: int) -> None:
         files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*"))

@@ -30,6 +30,7 @@ from common import UsageError, safetensors_checksum_problem
 from configs import TrainingConfig
 from models.sit import SiT
 
+from .checkpoint import export_step
 from .load import HUB_WEIGHTS, model_size
 from .objective import objective_terms
 
@@ -111,7 +112,6 @@ class HubSiT(SiT, PyTorchModelHubMixin, library_name="sitkit",
 
 def read_run(run_dir: Path) -> tuple[dict, dict, int | None]:
     """(config.json, the EMA state dict, its step) of a run directory written by train.py."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
     cfg_path, weights = run_dir / "config.json", run_dir / "ema.safetensors"
     if not run_dir.is_dir():
@@ -129,9 +129,7 @@ def read_run(run_dir: Path) -> tuple[dict, dict, int | None]:
     problem = safetensors_checksum_problem(weights)
     if problem:
         raise UsageError(f"{problem}; resume the run to write a fresh export")
-    with safe_open(str(weights), "pt") as f:
-        step = (f.metadata() or {}).get("step")
-    return config, load_file(weights), int(step) if step is not None else None
+    return config, load_file(weights), export_step(weights)
 
 
 def build_hub_model(config: dict, state: dict[str, torch.Tensor]) -> HubSiT:
