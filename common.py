@@ -86,9 +86,55 @@ def free_bytes(directory: str | os.PathLike) -> int:
 
 def cli_error(prog: str, error: BaseException | str) -> int:
     """Report a problem the user can fix the way every script of the project does (argparse's
-    ``PROG: error: MESSAGE`` on stderr, no traceback) and return the exit status 2."""
-    print(f"{prog}: error: {error}", file=sys.stderr)
+    ``PROG: error: MESSAGE`` on stderr, no traceback) and return the exit status 2. An empty
+    message prints nothing: another process of the same node has said it."""
+    if str(error):
+        print(f"{prog}: error: {error}", file=sys.stderr)
     return USAGE_EXIT
+
+
+def check_shared_directory(directory: str | os.PathLike, state, flag: str) -> None:
+    """Refuse to start a multi-process run whose ``directory`` is not one filesystem for every
+    process: files are written once per run (by rank 0, or one per rank), so a node-local
+    directory would scatter a run over the nodes. Rank 0 writes a marker with a random token
+    there, every process must read it back. ``state`` is accelerate's PartialState (or an
+    Accelerator). Raises :class:`UsageError` with one line on each node (the other processes of
+    a node raise it empty, see :func:`cli_error`)."""
+    if state.num_processes == 1:
+        return
+    import secrets
+    import socket
+
+    from accelerate.utils import broadcast_object_list, gather_object
+    directory = Path(directory)
+    sent: list = [None, None]  # token, or the reason rank 0 could not write the marker
+    if state.is_main_process:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            token = secrets.token_hex(16)
+            (directory / f".shared-check-{token}").write_text(token)
+            sent[0] = token
+        except OSError as e:
+            sent[1] = f"cannot write to {flag} {directory}: {e.strerror or e}"
+    broadcast_object_list(sent)
+    token, failure = sent
+    if token is not None:
+        marker = directory / f".shared-check-{token}"
+        try:
+            seen = marker.read_text() == token
+        except OSError:
+            seen = False
+        views = gather_object([(state.process_index, socket.gethostname(), seen)])
+        if state.is_main_process:
+            marker.unlink(missing_ok=True)
+        blind = [f"{rank} (host {host})" for rank, host, ok in views if not ok]
+        if blind:
+            failure = (f"{flag} {directory} is not one shared filesystem for all processes: "
+                       f"rank(s) {', '.join(blind)} cannot see the file rank 0 (host "
+                       f"{views[0][1]}) wrote there; give every node the same shared "
+                       "directory (NFS, Lustre, GPFS)")
+    if failure:
+        raise UsageError(failure if state.local_process_index == 0 else "")
 
 
 # ----------------------------------------------------------------------------------------------

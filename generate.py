@@ -75,7 +75,8 @@ if __package__ in (None, ""):  # `python generate.py` from elsewhere: the reposi
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (PREEMPTED_EXIT, Preempted, Preemption, UsageError,  # noqa: E402
-                    atomic_write_bytes, atomic_write_json, cli_error, sha256_file)
+                    atomic_write_bytes, atomic_write_json, check_shared_directory, cli_error,
+                    sha256_file)
 
 PART_RE = re.compile(r"^(\d+)-(\d+)\.npz$")
 MODES = ("ode", "sde", "meanflow")
@@ -333,9 +334,9 @@ def main(argv=None) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())
     device, rank, world = state.device, state.process_index, state.num_processes
     runtime.configure(device, allow_tf32=args.precision == "tf32")
-    model, run, vae, vae_ident = load_for_sampling(args, device)
-
     n, sample_dir = args.num_fid_samples, Path(args.sample_dir)
+    check_shared_directory(sample_dir, state, "--sample-dir")
+    model, run, vae, vae_ident = load_for_sampling(args, device)
     done, spec = plan_parts(args, run, sample_dir, state)
     labels = make_labels(n, run["num_classes"], args.label_sampling, args.global_seed)
     chunks = pending_chunks(n, done, args.per_proc_batch_size)

@@ -32,8 +32,8 @@ import torch
 
 import runtime
 from common import (PREEMPTED_EXIT, Preempted, Preemption, UsageError, WriteFailed,
-                    atomic_write_json, cli_error, mix_seed, sha256_file,
-                    with_default_command)
+                    atomic_write_json, check_shared_directory, cli_error, mix_seed,
+                    sha256_file, with_default_command)
 from preprocessing import shards as fmt
 from preprocessing.sources import CroppedItems, SourceError, collate_list, open_source
 from models.vae import encode_moments, load_vae
@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.configure_reproducible(state.device, args.cpu_threads)
     dest = Path(args.dest)
     try:
+        check_shared_directory(dest, state, "--dest")
         source, vae, vae_ident = open_inputs(args, state)
         layout, config = resolve_settings(args, source, vae_ident)
         old_manifest = prepare_dest(dest, config, args.overwrite, state)

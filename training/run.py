@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import runtime
-from common import UsageError, atomic_write_text
+from common import UsageError, atomic_write_text, check_shared_directory
 from configs import TrainingConfig
 from losses import MemoryBank
 from preprocessing.shards import ShardDataset, ShardFormatError, ShardLoader, hash_problems
@@ -170,6 +170,7 @@ def build_run(cfg: TrainingConfig, given: set[str]) -> Run:
     cfg = resolve(cfg, given, manifest)
     run_dir = Path(cfg.output_dir) / cfg.exp_name
     accelerator = make_accelerator(cfg, run_dir)
+    check_shared_directory(cfg.output_dir, accelerator, "--output-dir")
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
     if cfg.batch_size % (world * accum):
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes x "
