@@ -33,7 +33,8 @@ from .interpolant import drop_labels, expand_t_like, interpolate
 from .terms import AlignmentTerm, add_alignment, add_dispersive, forward_with_features
 
 __all__ = ["MeanFlowLoss", "sample_meanflow_times", "guided_velocity", "average_velocity_jvp",
-           "meanflow_target", "meanflow_loss", "meanflow_batch", "meanflow_losses"]
+           "meanflow_target", "meanflow_prediction_one_jvp", "meanflow_loss", "meanflow_batch",
+           "meanflow_losses"]
 
 UFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -137,6 +138,23 @@ def meanflow_target(u_fn: UFn, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tens
     u, dudt = average_velocity_jvp(u_fn, z_t, r, t, v)
     h = expand_t_like((t - r).clamp(0.0, 1.0), dudt).to(dudt.dtype)
     return {"u_tgt": (v.to(dudt.dtype) - h * dudt).detach(), "u": u, "dudt": dudt}
+
+
+def meanflow_prediction_one_jvp(u_fn: UFn, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u_theta, u_tgt)`` from ONE JVP taken with autograd on: the MeanFlow reference
+    formulation, where the primal output is the prediction that carries the gradient and the
+    tangent, detached, builds the target. Its value equals :func:`meanflow_target` plus an
+    ordinary forward; it keeps the tangent's activations alive through the backward and runs the
+    prediction with the math attention kernel, which is why :func:`meanflow_losses` does not use
+    it (measured in bench/bench_meanflow_memory.py, docs/BENCHMARKS.md)."""
+    z, r, t, v = (a.contiguous() for a in (z_t, r, t, v))
+    with sdpa_kernel(SDPBackend.MATH), _quiet_jvp_setup(), fwAD.dual_level():
+        out = u_fn(fwAD.make_dual(z, v.detach()), fwAD.make_dual(r, torch.zeros_like(r)),
+                   fwAD.make_dual(t, torch.ones_like(t)))
+        u, dudt = fwAD.unpack_dual(out)
+    h = expand_t_like((t - r).clamp(0.0, 1.0), dudt).to(dudt.dtype)
+    return u, (v.to(dudt.dtype) - h * dudt).detach()
 
 
 def meanflow_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 1.0, c: float = 1e-3

@@ -76,6 +76,13 @@ def _add_encode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="digits",
                    help="'digits', an ImageNet-style class-folder tree, or a HF dataset saved to disk")
     p.add_argument("--source-type", default="auto", choices=["auto", "folder", "hf", "digits"])
+    p.add_argument("--subset", choices=["train", "heldout"], default=None,
+                   help="digits only: one side of a seeded, class-balanced split (docs/"
+                        "ABLATIONS.md, held-out protocol): 'train' keeps --subset-size digits, "
+                        "'heldout' the rest")
+    p.add_argument("--subset-size", type=int, default=None,
+                   help="digits in the training side of --subset")
+    p.add_argument("--subset-seed", type=int, default=0, help="seeds the --subset split")
     p.add_argument("--dest", required=True, help="output shard directory")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--vae", default=DEFAULT_VAE,
@@ -122,6 +129,8 @@ def _check_encode_flags(args: argparse.Namespace, p: argparse.ArgumentParser) ->
         p.error("--cpu-threads must be >= 1")
     if args.num_workers < 0:
         p.error("--num-workers must be >= 0")
+    if (args.subset is None) != (args.subset_size is None):
+        p.error("--subset and --subset-size go together")
     args.vae = None if args.vae.lower() == "none" else args.vae
     if args.vae is None and args.store != "moments":
         p.error("--store applies to VAE latents; with --vae none pixels are stored")
@@ -290,7 +299,10 @@ def open_inputs(args: argparse.Namespace, state) -> tuple:
     """The source and the VAE (None for pixels, with its identity); a source or VAE the user
     must fix raises :class:`UsageError` in every process."""
     try:
-        source = open_source(args.source, args.source_type, args.resolution,
+        subset = None if args.subset is None else {
+            "subset": args.subset, "subset_size": args.subset_size,
+            "subset_seed": args.subset_seed}
+        source = open_source(args.source, args.source_type, args.resolution, subset,
                              image_column=args.image_column, label_column=args.label_column,
                              split=args.split)
         vae, vae_ident = None, None

@@ -161,15 +161,41 @@ class FolderSource:
         return {"skipped_files": self.skipped, "empty_classes": self.empty_classes}
 
 
+DIGITS_SUBSETS = ("train", "heldout")
+
+
+def digits_subset_indices(labels: np.ndarray, size: int, seed: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, heldout)``: sorted indices of a seeded, class-balanced split of the digits.
+
+    Each class's indices are put in a random order (``np.random.default_rng(seed)``, classes in
+    turn 0..9); the classes are then visited round-robin (the first digit of every class, then
+    the second, ...) and the first ``size`` visited form the training subset, so every class
+    gets ``size / 10`` digits (+-1 while no class runs out). The held-out subset is the rest.
+    """
+    labels = np.asarray(labels)
+    if not 1 <= size < len(labels):
+        raise ValueError(f"--subset-size must be between 1 and {len(labels) - 1}, got {size}")
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = [idx[k] for k in range(max(map(len, per_class))) for idx in per_class
+             if k < len(idx)]
+    train = np.sort(np.asarray(order[:size], dtype=np.int64))
+    heldout = np.setdiff1d(np.arange(len(labels)), train)
+    return train, heldout
+
+
 class DigitsSource:
     """scikit-learn's bundled handwritten digits: 1797 real 8x8 greyscale images, 10 classes.
 
     Pixel values 0..16 become uint8 ``round(v * 255 / 16)``, replicated to RGB, and are upscaled to
     ``size`` with nearest neighbour when it is a multiple of 8 (exact pixel blocks) and bicubic
-    otherwise. The ADM crop is then the identity.
+    otherwise. The ADM crop is then the identity. ``subset`` ('train' or 'heldout', with
+    ``subset_size`` and ``subset_seed``) keeps one side of :func:`digits_subset_indices`.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, subset: str | None = None, subset_size: int | None = None,
+                 subset_seed: int = 0):
         from sklearn.datasets import load_digits
 
         d = load_digits()
@@ -177,26 +203,41 @@ class DigitsSource:
         self.targets = d.target.astype(np.int64)
         self.size = size
         self.class_names = [str(c) for c in range(10)]
+        self.subset = None
+        self.index = np.arange(len(self.targets))
+        if subset is not None:
+            if subset not in DIGITS_SUBSETS or subset_size is None:
+                raise SourceError(f"--subset must be one of {DIGITS_SUBSETS} with --subset-size")
+            try:
+                train, heldout = digits_subset_indices(self.targets, subset_size, subset_seed)
+            except ValueError as e:
+                raise SourceError(str(e)) from None
+            self.index = train if subset == "train" else heldout
+            self.subset = {"subset": subset, "subset_size": int(subset_size),
+                           "subset_seed": int(subset_seed)}
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.index)
 
     def label(self, i: int) -> int:
-        return int(self.targets[i])
+        return int(self.targets[self.index[i]])
 
     def name(self, i: int) -> str:
-        return f"digits[{i}]"
+        return f"digits[{self.index[i]}]"
 
     def load(self, i: int) -> Image.Image:
-        img = Image.fromarray(self.images[i], "L").convert("RGB")
+        img = Image.fromarray(self.images[self.index[i]], "L").convert("RGB")
         if self.size != 8:
             method = Image.NEAREST if self.size % 8 == 0 else Image.BICUBIC
             img = img.resize((self.size, self.size), resample=method)
         return img
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "digits", "num_files": len(self), "upscale":
-                "nearest" if self.size % 8 == 0 else "bicubic"}
+        out = {"type": "digits", "num_files": len(self), "upscale":
+               "nearest" if self.size % 8 == 0 else "bicubic"}
+        if self.subset is not None:  # absent for all digits: their manifests stay as they were
+            out.update(self.subset)
+        return out
 
     def notes(self) -> dict[str, Any]:
         return {"skipped_files": [], "empty_classes": []}
@@ -276,8 +317,10 @@ class HFSource:
 Source = FolderSource | DigitsSource | HFSource
 
 
-def open_source(spec: str, kind: str = "auto", resolution: int = 256, **hf_kwargs: Any) -> Source:
-    """Open ``spec`` ('digits', a class-folder tree, or a saved HF dataset)."""
+def open_source(spec: str, kind: str = "auto", resolution: int = 256,
+                digits_subset: dict | None = None, **hf_kwargs: Any) -> Source:
+    """Open ``spec`` ('digits', a class-folder tree, or a saved HF dataset); ``digits_subset``
+    (``{'subset', 'subset_size', 'subset_seed'}``) keeps a split of the digits."""
     if kind == "auto":
         if spec == "digits":
             kind = "digits"
@@ -291,7 +334,9 @@ def open_source(spec: str, kind: str = "auto", resolution: int = 256, **hf_kwarg
     if kind == "digits":
         if spec != "digits":
             raise SourceError(f"--source-type digits needs --source digits, got {spec!r}")
-        return DigitsSource(resolution)
+        return DigitsSource(resolution, **(digits_subset or {}))
+    if digits_subset:
+        raise SourceError("--subset applies to --source digits only")
     if not Path(spec).exists():
         raise SourceError(f"source {spec} does not exist")
     if kind == "hf":

@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from losses import DispersiveLoss
 from losses.meanflow import (MeanFlowLoss, average_velocity_jvp, guided_velocity,
-                             meanflow_batch, meanflow_loss, meanflow_losses, meanflow_target,
+                             meanflow_batch, meanflow_loss, meanflow_losses,
+                             meanflow_prediction_one_jvp, meanflow_target,
                              sample_meanflow_times)
 from losses.terms import training_losses
 from models.sit import SiT, SiT_models
@@ -423,6 +424,31 @@ def test_meanflow_losses_is_the_composition_of_its_parts():
         want = meanflow_loss(sit(x_t, t, y, r=r), tgt)
         torch.testing.assert_close(terms["loss"], want["loss"])
         torch.testing.assert_close(terms["mf"], want["mf"])
+
+
+def test_one_jvp_reference_formulation_gives_the_same_loss_and_gradient():
+    """The reference formulation (one JVP with autograd on: primal = prediction, tangent =
+    target) and train.py's (JVP without gradient, then a forward) are the same objective: equal
+    loss and parameter gradient in float64, so bench/bench_meanflow_memory.py compares only
+    their cost."""
+    sit = randomised_sit(seed=2).double()
+    mf = MeanFlowLoss()
+    g = torch.Generator().manual_seed(5)
+    batch = meanflow_batch(torch.randn(6, 2, 4, 4, generator=g, dtype=F64), torch.arange(6) % 3,
+                           num_classes=3, mf=mf, generator=g)
+    params = [p for p in sit.parameters() if p.requires_grad]
+    ours = meanflow_losses(sit, sit, batch, depth=2, mf=mf, null_label=3)["loss"]
+    g_ours = torch.autograd.grad(ours, params)
+    y = batch["y"]
+    pred, target = meanflow_prediction_one_jvp(lambda z, r, t: sit(z, t, y, r=r), batch["x_t"],
+                                               batch["r"], batch["t"], batch["v"])
+    assert pred.requires_grad and not target.requires_grad
+    ref = mf(pred, target)["loss"]
+    g_ref = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(ref, ours, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_ref, g_ours):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)  # attention kernels differ
+    assert max(a.abs().max() for a in g_ours) > 1e-3  # a real gradient, not zeros
 
 
 def test_r_equal_t_and_p_zero_is_the_si_loss_summed_over_dims():
