@@ -2,7 +2,7 @@
 
     python evaluate.py SAMPLES.npz REFERENCE.npz --inception pt_inception-2015-12-05-6726825d.pth
     python evaluate.py make-reference SOURCE OUT.npz --inception PATH [--max-images N]
-    python evaluate.py digits SAMPLES.npz [--json OUT] [--seed S] [--splits K]
+    python evaluate.py digits SAMPLES.npz [--json OUT] [--seed S] [--splits K] [--heldout DATA]
     python evaluate.py digits-accuracy SAMPLES.npz [--json OUT]
 
 The command line of the ``evaluation`` package: it parses and checks the flags, reads the files
@@ -28,12 +28,13 @@ if str(ROOT) not in sys.path:
 from common import atomic_write_json, cli_error, with_default_command  # noqa: E402
 from evaluation.adm import (PR_REFERENCE_SIZE, NpzImages, compute_metrics,  # noqa: E402
                             format_metrics, make_reference)
-from evaluation.digits import (digits_class_accuracy, digits_metrics,  # noqa: E402
-                               format_digits_metrics, read_labelled_npz)
+from evaluation.digits import (DIGITS_RESAMPLES, comparison_for_data,  # noqa: E402
+                               digits_class_accuracy, digits_metrics, format_digits_metrics,
+                               read_labelled_npz)
 from evaluation.images import open_source  # noqa: E402
 from models.inception import RESOLUTION, FIDInceptionV3, load_inception  # noqa: E402
 from models.vae import WeightsNotFound  # noqa: E402
-from preprocessing.shards import ShardFormatError  # noqa: E402
+from preprocessing.shards import ShardFormatError, read_manifest  # noqa: E402
 from preprocessing.sources import SourceError  # noqa: E402
 
 PROG = "evaluate.py"
@@ -122,10 +123,19 @@ def run_digits(args: argparse.Namespace) -> int:
     if labels is None:
         print(f"note: {args.samples} has no labels (arr_1): no class accuracy; diversity groups "
               "samples by the predicted class", file=sys.stderr)
-    res = digits_metrics(images, labels, seed=args.seed, splits=args.splits)
+    comparison = None
+    if args.heldout:
+        comparison = comparison_for_data(read_manifest(args.heldout))
+        if comparison is None:
+            raise ValueError(f"--heldout {args.heldout}: those shards are not a digits subset; "
+                             "encode the training data with `encode.py --source digits --subset "
+                             "train --subset-size N`")
+    res = digits_metrics(images, labels, seed=args.seed, splits=args.splits,
+                         comparison=comparison)
     if res["floor_samples"] < res["num_samples"]:
-        print(f"note: {res['num_samples']} samples but real B has {res['num_real_b']} digits: "
-              f"the floor uses all of real B", file=sys.stderr)
+        name = res["names"]["floor"]
+        print(f"note: {res['num_samples']} samples but {name} has {res['num_real_b']} digits: "
+              f"the floor uses all of {name}", file=sys.stderr)
     print(format_digits_metrics(res), flush=True)
     if args.json:
         atomic_write_json(args.json, {**res, "samples": str(args.samples)})
@@ -186,8 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the real subsamples and the bootstrap (the split and the "
                         "classifier are fixed)")
-    g.add_argument("--splits", type=int, default=5,
-                   help="bootstrap resamples of the generated set for the spread (0: none)")
+    g.add_argument("--splits", type=int, default=DIGITS_RESAMPLES,
+                   help="bootstrap resamples of the generated set for the headline's interval "
+                        "(0: none)")
+    g.add_argument("--heldout", default=None, metavar="DATA_DIR",
+                   help="the model trained on these shards, one side of a digits split "
+                        "(encode.py --subset): measure against the digits it never saw and "
+                        "count copies of the ones it saw (docs/CONVENTIONS.md §12)")
     return p
 
 

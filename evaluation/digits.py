@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,19 @@ from evaluation.adm import PR_K, frechet_distance, precision_recall
 from evaluation.images import check_images
 
 __all__ = ["DIGITS_SPLIT_SEED", "DIGITS_HIDDEN", "DIGITS_COPY_PERCENTILE", "DIGITS_MIN_SAMPLES",
-           "DIGITS_FLOOR_DRAWS", "DIGITS_STREAM_FLOOR", "DIGITS_STREAM_PR",
-           "DIGITS_STREAM_BOOTSTRAP", "digits_pixels", "digits_real_images", "DigitsReference",
-           "digits_reference", "digits_subsample", "digits_metrics", "digits_class_accuracy",
-           "format_digits_metrics", "read_labelled_npz"]
+           "DIGITS_FLOOR_DRAWS", "DIGITS_RESAMPLES", "DIGITS_INTERVAL", "DIGITS_STREAM_FLOOR",
+           "DIGITS_STREAM_PR", "DIGITS_STREAM_BOOTSTRAP", "digits_pixels", "digits_real_images",
+           "DigitsReference", "digits_reference", "digits_subsample", "Comparison",
+           "all_digits_comparison", "heldout_comparison", "comparison_for_data", "digits_metrics",
+           "digits_class_accuracy", "format_digits_metrics", "read_labelled_npz"]
 
 DIGITS_SPLIT_SEED = 0        # the fixed stratified split: real A (classifier, reference) / real B
 DIGITS_HIDDEN = 128          # width of the classifier's hidden layer = feature dimension
 DIGITS_COPY_PERCENTILE = 1.0  # copy threshold: this percentile of real B's NN distances to real A
 DIGITS_MIN_SAMPLES = 5
 DIGITS_FLOOR_DRAWS = 10      # the floor is the mean over this many real-B subsamples
+DIGITS_RESAMPLES = 100       # bootstrap resamples of the generated set for the headline interval
+DIGITS_INTERVAL = 90.0       # its central percent
 # Random streams of digits_subsample / the bootstrap (np.random.default_rng([seed, stream])).
 DIGITS_STREAM_FLOOR, DIGITS_STREAM_PR, DIGITS_STREAM_BOOTSTRAP = 1, 2, 3
 
@@ -180,77 +184,153 @@ def _class_accuracy(pred: np.ndarray, labels: np.ndarray) -> tuple[float, dict[i
     return float((pred == labels).mean()), per_class
 
 
-def _frechet_and_floors(feats: np.ndarray, ref: DigitsReference, seed: int
+@dataclass(frozen=True)
+class Comparison:
+    """The real digits that generated ones are measured against (features of the classifier,
+    pixels on the 0..16 scale): the FD reference, the pool the floor is drawn from (also the
+    diversity and class reference), the digits a sample may copy, and real digits outside those
+    that set the copy threshold."""
+    label: str
+    ref_name: str
+    features_ref: np.ndarray
+    floor_name: str
+    features_floor: np.ndarray
+    labels_floor: np.ndarray
+    copy_name: str
+    pixels_copy: np.ndarray
+    probe_name: str
+    pixels_probe: np.ndarray
+
+
+def all_digits_comparison(ref: DigitsReference) -> Comparison:
+    """The default: a model trained on all digits, against real A, floor and copy threshold from
+    real B (which the model also saw: see docs/CONVENTIONS.md §12)."""
+    return Comparison("all digits: real A / real B", "real A", ref.features_a, "real B",
+                      ref.features_b, ref.labels_b, "real A", ref.pixels_a, "real B",
+                      ref.pixels_b)
+
+
+def heldout_comparison(ref: DigitsReference, subset_size: int, subset_seed: int = 0,
+                       hflip: bool = False, side: str = "train") -> Comparison:
+    """A model trained on ``encode.py --subset train --subset-size N --subset-seed S``: FD
+    against one stratified half of the digits it never saw (held-out 1), floor from the other
+    half (held-out 2), copies against the training subset (with its mirror images when the data
+    were encoded with ``--hflip``), threshold from all held-out digits. ``side='heldout'``: the
+    model was trained on the other side of the split (``--subset heldout``)."""
+    from sklearn.model_selection import train_test_split
+
+    from preprocessing.sources import digits_subset_indices
+    images, labels = digits_real_images()
+    pixels = digits_pixels(images)
+    train, held = digits_subset_indices(labels, subset_size, subset_seed)
+    if side == "heldout":
+        train, held = held, train
+    h1, h2 = train_test_split(held, test_size=0.5, random_state=DIGITS_SPLIT_SEED,
+                              stratify=labels[held])
+    h1, h2 = np.sort(h1), np.sort(h2)
+    copy = pixels[train]
+    if hflip:  # the model saw each training digit mirrored too
+        copy = np.concatenate([copy, copy.reshape(-1, 8, 8)[:, :, ::-1].reshape(-1, 64)])
+    return Comparison(
+        f"held-out: trained on {len(train)} digits (subset seed {subset_seed}"
+        f"{', mirrored' if hflip else ''}), measured against the {len(held)} others",
+        "held-out 1", ref.features(pixels[h1]), "held-out 2", ref.features(pixels[h2]),
+        labels[h2], "training subset", copy, "held-out", pixels[held])
+
+
+def comparison_for_data(manifest: dict) -> Comparison | None:
+    """The comparison for a model trained on the shards described by ``manifest`` (the data
+    folder's manifest.json): held-out when they are one side of a digits split (``encode.py
+    --subset``), None (all digits) otherwise. ValueError for shards of part of a subset."""
+    src = manifest.get("source") or {}
+    if src.get("type") != "digits" or not src.get("subset"):
+        return None
+    config = manifest.get("config") or {}
+    if config.get("max_images") is not None and config["max_images"] < src["num_files"]:
+        raise ValueError("the shards hold only part of their digits subset (--max-images): "
+                         "encode the whole subset for a held-out evaluation")
+    return heldout_comparison(digits_reference(), src["subset_size"], src["subset_seed"],
+                              bool(manifest.get("hflip")), side=src["subset"])
+
+
+def _frechet_and_floors(feats: np.ndarray, cmp: Comparison, seed: int
                         ) -> tuple[float, list[float]]:
-    """FD of ``feats`` against real A, and the floor draws: real B at the same count against real
-    A, DIGITS_FLOOR_DRAWS subsamples so that one lucky draw does not move the ratio."""
-    n, n_b = len(feats), len(ref.features_b)
-    fd = _fd_features(feats, ref.features_a)
-    floors = [_fd_features(ref.features_b[digits_subsample(n_b, n, seed, DIGITS_STREAM_FLOOR, j)],
-                           ref.features_a)
+    """FD of ``feats`` against the reference, and the floor draws: the floor pool at the same
+    count against the reference, DIGITS_FLOOR_DRAWS subsamples so that one lucky draw does not
+    move the ratio."""
+    n, n_b = len(feats), len(cmp.features_floor)
+    fd = _fd_features(feats, cmp.features_ref)
+    floors = [_fd_features(cmp.features_floor[digits_subsample(n_b, n, seed, DIGITS_STREAM_FLOOR,
+                                                               j)], cmp.features_ref)
               for j in range(DIGITS_FLOOR_DRAWS if n < n_b else 1)]
     return fd, floors
 
 
-def _within_class_diversity(feats: np.ndarray, groups: np.ndarray, ref: DigitsReference
+def _within_class_diversity(feats: np.ndarray, groups: np.ndarray, cmp: Comparison
                             ) -> dict[int, float]:
-    """Per class: mean pairwise feature distance of the generated digits / that of real B."""
+    """Per class: mean pairwise feature distance of the generated digits / that of the real
+    floor pool's digits of the class."""
     per_class = {}
     for c in range(10):
         fc = feats[groups == c]
         if len(fc) >= 2:
-            real_c = ref.features_b[ref.labels_b == c]
+            real_c = cmp.features_floor[cmp.labels_floor == c]
             per_class[c] = _mean_pairwise(fc) / _mean_pairwise(real_c)
     return per_class
 
 
-def _copies(pixels: np.ndarray, ref: DigitsReference) -> dict[str, float]:
-    """Pixel-space nearest real-A neighbours: a sample closer than real B's
-    DIGITS_COPY_PERCENTILE-th percentile distance counts as a copy of a training digit."""
-    nn_real = _nn_distances(ref.pixels_b, ref.pixels_a)
+def _copies(pixels: np.ndarray, cmp: Comparison) -> dict[str, float]:
+    """Pixel-space nearest neighbours among the digits a sample may copy: a sample closer than
+    the DIGITS_COPY_PERCENTILE-th percentile of the same distance for real digits outside them
+    counts as a copy."""
+    nn_real = _nn_distances(cmp.pixels_probe, cmp.pixels_copy)
     threshold = float(np.percentile(nn_real, DIGITS_COPY_PERCENTILE))
-    nn_gen = _nn_distances(pixels, ref.pixels_a)
+    nn_gen = _nn_distances(pixels, cmp.pixels_copy)
     return {"copies": float((nn_gen < threshold).mean()), "copy_threshold": threshold,
             "real_b_copies": float((nn_real < threshold).mean()),
             "nn_distance_median": float(np.median(nn_gen)),
             "nn_distance_median_real_b": float(np.median(nn_real))}
 
 
-def _bootstrap(feats: np.ndarray, ref: DigitsReference, seed: int, splits: int
-               ) -> tuple[list[float], list[float]]:
-    """FDs and FD / floor ratios of ``splits`` bootstrap resamples of the generated set.
+def _headline_interval(feats: np.ndarray, cmp: Comparison, fd: float, floor: float, seed: int,
+                       resamples: int) -> dict[str, Any]:
+    """The uncertainty of the headline FD / floor that comes from the generated set being a
+    sample: ``resamples`` bootstrap resamples of the generated features, each FD against the
+    same reference and divided by the same (fixed) floor.
 
-    Each floor is a fresh real-B subsample of the floor's count, bootstrapped the same way.
-    Repeated points raise both FDs by about the same amount, so the resamples' mean ratio is
-    pulled towards 1: the std is the error bar of the headline numbers, the means are not the
-    headline (§12).
+    Drawing with replacement repeats points, which raises every resampled FD by about the same
+    amount; that offset (``fd_resample_bias``) is removed, so the DIGITS_INTERVAL interval is
+    centred on the headline and its width is the sampling spread (docs/CONVENTIONS.md §12).
     """
-    n, n_b = len(feats), len(ref.features_b)
-    n_floor = min(n, n_b)
-    fds, ratios = [], []
-    for k in range(int(splits)):
+    none = {"fd_interval": None, "fd_ratio_interval": None, "fd_std": None,
+            "fd_ratio_std": None, "fd_resample_bias": None}
+    if resamples == 0:
+        return none
+    n = len(feats)
+    fds = np.empty(resamples)
+    for k in range(resamples):
         rng = np.random.default_rng([seed, DIGITS_STREAM_BOOTSTRAP, k])
-        fd_k = _fd_features(feats[rng.integers(0, n, n)], ref.features_a)
-        real_k = rng.choice(n_b, n_floor, replace=False)[rng.integers(0, n_floor, n_floor)]
-        floor_k = _fd_features(ref.features_b[real_k], ref.features_a)
-        fds.append(fd_k)
-        ratios.append(fd_k / floor_k)
-    return fds, ratios
+        fds[k] = _fd_features(feats[rng.integers(0, n, n)], cmp.features_ref)
+    bias = float(fds.mean() - fd)
+    tail = (100.0 - DIGITS_INTERVAL) / 2
+    lo, hi = (float(v) for v in np.percentile(fds - bias, [tail, 100.0 - tail]))
+    std = float(fds.std(ddof=1)) if resamples > 1 else 0.0
+    return {"fd_interval": [lo, hi], "fd_ratio_interval": [lo / floor, hi / floor],
+            "fd_std": std, "fd_ratio_std": std / floor, "fd_resample_bias": bias}
 
 
-def _mean_std(v: list[float]) -> tuple[float | None, float | None]:
-    return (float(np.mean(v)), float(np.std(v))) if v else (None, None)
-
-
-def digits_metrics(images: Any, labels: Any = None, seed: int = 0, splits: int = 5
+def digits_metrics(images: Any, labels: Any = None, seed: int = 0,
+                   splits: int = DIGITS_RESAMPLES, comparison: Comparison | None = None
                    ) -> dict[str, Any]:
     """Distribution metric of generated digits against the real sklearn digits (§12).
 
     ``images``: uint8 (N, H, W, 3), H and W multiples of 8 (samples.npz's arr_0); ``labels``:
     the requested classes (arr_1), or None (class accuracy is then not reported and diversity
     groups samples by the classifier's prediction). ``seed`` drives only the subsamples of the
-    real halves and the bootstrap; the split and the classifier are fixed. ``splits``: number of
-    bootstrap resamples for the spread (0: none). Returns a dict of plain numbers (see §12).
+    real sets and the bootstrap; the split and the classifier are fixed. ``splits``: bootstrap
+    resamples for the headline's interval (0: none). ``comparison``: the real sets
+    (:func:`all_digits_comparison` by default, :func:`heldout_comparison` for a model trained
+    on a subset). Returns a dict of plain numbers (see §12).
     """
     images = _as_images(images)
     n = len(images)
@@ -261,21 +341,22 @@ def digits_metrics(images: Any, labels: Any = None, seed: int = 0, splits: int =
     if labels is not None:
         labels = _checked_labels(labels, n)
     ref = digits_reference()
+    cmp = comparison or all_digits_comparison(ref)
     pixels = digits_pixels(images)
     feats = ref.features(pixels)
     pred = ref.predict(feats)
-    n_a, n_b = len(ref.features_a), len(ref.features_b)
+    n_a, n_b = len(cmp.features_ref), len(cmp.features_floor)
 
-    fd, floors = _frechet_and_floors(feats, ref, seed)
+    fd, floors = _frechet_and_floors(feats, cmp, seed)
     floor = float(np.mean(floors))
-    # Precision / recall (k = 3 manifolds), real A subsampled to the generated count.
-    real_pr = ref.features_a[digits_subsample(n_a, n, seed, DIGITS_STREAM_PR)]
+    # Precision / recall (k = 3 manifolds), the reference subsampled to the generated count.
+    real_pr = cmp.features_ref[digits_subsample(n_a, n, seed, DIGITS_STREAM_PR)]
     precision, recall = precision_recall(real_pr, feats, PR_K, exact=True)
-    per_class_div = _within_class_diversity(feats, labels if labels is not None else pred, ref)
+    per_class_div = _within_class_diversity(feats, labels if labels is not None else pred, cmp)
     accuracy, per_class_acc = (None, None) if labels is None else _class_accuracy(pred, labels)
-    fds, ratios = _bootstrap(feats, ref, seed, splits)
-
-    out: dict[str, Any] = {
+    return {
+        "comparison": cmp.label, "names": {"reference": cmp.ref_name, "floor": cmp.floor_name,
+                                           "copies": cmp.copy_name, "probe": cmp.probe_name},
         "num_samples": n, "num_real_a": n_a, "num_real_b": n_b, "feature_dim": feats.shape[1],
         "seed": int(seed),
         "fd": fd, "fd_floor": floor, "fd_floor_std": float(np.std(floors)),
@@ -285,12 +366,11 @@ def digits_metrics(images: Any, labels: Any = None, seed: int = 0, splits: int =
         "classifier_heldout_accuracy": ref.heldout_accuracy,
         "diversity": float(np.mean(list(per_class_div.values()))) if per_class_div else None,
         "per_class_diversity": {int(c): float(v) for c, v in per_class_div.items()},
-        **_copies(pixels, ref),
-        "spread_method": "bootstrap", "spread_resamples": int(splits),
+        **_copies(pixels, cmp),
+        "spread_method": "bootstrap of the generated set, floor fixed, centred on the headline",
+        "spread_resamples": int(splits), "interval_percent": DIGITS_INTERVAL,
+        **_headline_interval(feats, cmp, fd, floor, seed, int(splits)),
     }
-    out["fd_mean"], out["fd_std"] = _mean_std(fds)
-    out["fd_ratio_mean"], out["fd_ratio_std"] = _mean_std(ratios)
-    return out
 
 
 def digits_class_accuracy(images: Any, labels: Any) -> dict[str, Any]:
@@ -312,29 +392,36 @@ def format_digits_metrics(m: dict) -> str:
     """One line per number (the table ``evaluate.py digits`` prints)."""
     def f(v, spec=".4f"):
         return "n/a" if v is None else format(v, spec)
+    names = m["names"]
+    floor_rel = m["fd_floor_std"] / m["fd_floor"] if m["fd_floor"] else None
     lines = [
-        f"samples: {m['num_samples']} (real A: {m['num_real_a']}, real B: {m['num_real_b']}; "
-        f"features: {m['feature_dim']}-d classifier hidden layer)",
-        f"FD vs real A: {f(m['fd'])}",
-        f"FD floor (real B, {m['floor_samples']} images, mean of {m['floor_draws']} draws): "
-        f"{f(m['fd_floor'])} +- {f(m['fd_floor_std'])}",
+        f"compared with: {m['comparison']}",
+        f"samples: {m['num_samples']} ({names['reference']}: {m['num_real_a']}, "
+        f"{names['floor']}: {m['num_real_b']}; features: {m['feature_dim']}-d classifier hidden "
+        "layer)",
+        f"FD vs {names['reference']}: {f(m['fd'])}",
+        f"FD floor ({names['floor']}, {m['floor_samples']} images, mean of {m['floor_draws']} "
+        f"draws): {f(m['fd_floor'])} +- {f(m['fd_floor_std'])} (the floor's own spread over "
+        f"draws: +-{f(None if floor_rel is None else 100 * floor_rel, '.1f')}%)",
         f"FD / floor (headline): {f(m['fd_ratio'], '.3f')}",
     ]
     if m["spread_resamples"]:
-        lines += [f"FD, {m['spread_resamples']} bootstrap resamples: {f(m['fd_mean'])} +- "
-                  f"{f(m['fd_std'])}",
-                  f"FD / floor, {m['spread_resamples']} bootstrap resamples: "
-                  f"{f(m['fd_ratio_mean'], '.3f')} +- {f(m['fd_ratio_std'], '.3f')}"]
+        lo, hi = m["fd_ratio_interval"]
+        lines.append(f"FD / floor, {m['interval_percent']:g}% interval of the headline: "
+                     f"{lo:.3f} - {hi:.3f} ({m['spread_resamples']} bootstrap resamples of the "
+                     "generated set against the fixed floor, centred on the headline)")
     lines += [
-        f"precision (k=3, vs {m['pr_real_samples']} real A): {f(m['precision'])}",
-        f"recall (k=3, vs {m['pr_real_samples']} real A): {f(m['recall'])}",
+        f"precision (k=3, vs {m['pr_real_samples']} {names['reference']}): {f(m['precision'])}",
+        f"recall (k=3, vs {m['pr_real_samples']} {names['reference']}): {f(m['recall'])}",
         f"class accuracy (requested label): {f(m['class_accuracy'])}",
         f"classifier held-out accuracy (real B): {f(m['classifier_heldout_accuracy'])}",
         f"within-class diversity / real: {f(m['diversity'], '.3f')}",
-        f"copies of real A (pixel NN distance < {m['copy_threshold']:.3f}): {f(m['copies'])}",
-        f"copies among real B (same test, for scale): {f(m['real_b_copies'])}",
-        f"median pixel NN distance to real A: {f(m['nn_distance_median'], '.3f')} (real B: "
-        f"{f(m['nn_distance_median_real_b'], '.3f')})",
+        f"copies of {names['copies']} (pixel NN distance < {m['copy_threshold']:.3f}): "
+        f"{f(m['copies'])}",
+        f"copies among {names['probe']} digits (same test, for scale): "
+        f"{f(m['real_b_copies'])}",
+        f"median pixel NN distance to {names['copies']}: {f(m['nn_distance_median'], '.3f')} "
+        f"({names['probe']} digits: {f(m['nn_distance_median_real_b'], '.3f')})",
     ]
     return "\n".join(lines)
 

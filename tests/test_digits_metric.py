@@ -89,7 +89,8 @@ def test_real_vs_real_is_at_the_floor(halves):
     assert m["precision"] > 0.7 and m["recall"] > 0.7
     assert m["class_accuracy"] >= 0.95 and 0.8 <= m["diversity"] <= 1.25
     assert m["copies"] < 0.1
-    assert 0.5 <= m["fd_ratio_mean"] <= 2.0 and m["fd_ratio_std"] > 0
+    lo, hi = m["fd_ratio_interval"]
+    assert lo < m["fd_ratio"] < hi and m["fd_ratio_std"] > 0
     # samples at 16x16 (nearest upscaled, as --resolution 16 stores them) give the same numbers
     assert digits_metrics(render(imgs[..., 0] * 16.0 / 255.0, upscale=2), labels) == m
 
@@ -146,7 +147,7 @@ def test_frechet_distance_and_floor_match_scipy(ref, halves):
               for j in range(DIGITS_FLOOR_DRAWS)]
     assert m["fd_floor"] == pytest.approx(np.mean(floors), rel=1e-7)
     assert m["fd_ratio"] == pytest.approx(m["fd"] / np.mean(floors), rel=1e-7)
-    assert m["floor_samples"] == 200 and m["fd_mean"] is None
+    assert m["floor_samples"] == 200 and m["fd_ratio_interval"] is None
 
 
 def test_precision_recall_match_brute_force(ref, halves):
@@ -174,10 +175,30 @@ def test_spread_and_seed(halves):
     imgs, labels = pick(*halves["b"], 150, seed=8)
     a, b = digits_metrics(imgs, labels, seed=0, splits=3), digits_metrics(imgs, labels, seed=1,
                                                                           splits=3)
-    assert a["spread_method"] == "bootstrap" and a["spread_resamples"] == 3
+    assert a["spread_method"].startswith("bootstrap") and a["spread_resamples"] == 3
     assert a["fd_std"] > 0 and a["fd_ratio_std"] > 0
     assert a["fd"] == b["fd"] and a["class_accuracy"] == b["class_accuracy"]
     assert a["fd_floor"] != b["fd_floor"]  # the seed draws the real subsamples
+
+
+def test_headline_interval_by_hand(ref, halves):
+    """The interval is the bootstrap FDs of the generated set (streams [seed, 3, k]) against real
+    A, shifted by their mean offset from the headline FD, 5th-95th percentile, over the fixed
+    floor: it brackets the headline and the floor's own draws do not enter it."""
+    imgs = real_plus_noise(halves, 120, seed=11)
+    m = digits_metrics(imgs, None, seed=4, splits=40)
+    f, fa = features(ref, imgs), features(ref, halves["a"][0])
+    fds = np.array([frechet(f[np.random.default_rng([4, 3, k]).integers(0, len(f), len(f))], fa)
+                    for k in range(40)])
+    shifted = fds - (fds.mean() - m["fd"])
+    lo, hi = np.percentile(shifted, [5, 95])
+    assert m["fd_interval"] == pytest.approx([lo, hi], rel=1e-6)
+    assert m["fd_ratio_interval"] == pytest.approx([lo / m["fd_floor"], hi / m["fd_floor"]],
+                                                   rel=1e-6)
+    assert m["fd_resample_bias"] == pytest.approx(fds.mean() - m["fd"], rel=1e-6)
+    assert m["fd_resample_bias"] > 0  # repeated points inflate the bootstrap FD
+    assert m["fd_ratio_interval"][0] < m["fd_ratio"] < m["fd_ratio_interval"][1]
+    assert m["fd_std"] == pytest.approx(fds.std(ddof=1), rel=1e-6)
 
 
 def test_more_samples_than_real_b_uses_all_of_it(ref, halves):
@@ -209,7 +230,7 @@ def test_cli(tmp_path, capsys, halves):
     assert "FD / floor" in printed and "precision" in printed and "copies" in printed
     saved = json.loads(out.read_text())
     direct = digits_metrics(imgs, labels)
-    for key in ("fd", "fd_floor", "fd_ratio", "fd_mean", "fd_std", "fd_ratio_mean",
+    for key in ("fd", "fd_floor", "fd_ratio", "fd_interval", "fd_std", "fd_ratio_interval",
                 "fd_ratio_std", "precision", "recall", "class_accuracy",
                 "classifier_heldout_accuracy", "diversity", "copies", "copy_threshold"):
         assert saved[key] == direct[key], key

@@ -355,8 +355,16 @@ def online_metric(cfg: TrainingConfig, dataset: ShardDataset, device: torch.devi
     if not cfg.eval_every:
         return None, ()
     if dataset.manifest.get("source", {}).get("type") == "digits":
-        from evaluation.digits import digits_metrics
-        return digits_metrics, ("fd_ratio", "precision", "recall")
+        import functools
+
+        from evaluation.digits import comparison_for_data, digits_metrics
+        try:  # shards of a digits subset: against the digits the model never saw
+            comparison = comparison_for_data(dataset.manifest)
+        except ValueError as e:
+            raise UsageError(f"--eval-every: {e}") from None
+        # the headline alone: a run's curve is read across steps and seeds, not per point
+        metric = functools.partial(digits_metrics, splits=0, comparison=comparison)
+        return metric, ("fd_ratio", "precision", "recall") + (("copies",) if comparison else ())
     if not cfg.eval_reference:
         raise UsageError("--eval-every needs digits shards (the digits metric) or "
                          "--eval-reference REF.npz with --inception WEIGHTS (FID and friends)")
