@@ -41,13 +41,17 @@ from common import UsageError, atomic_write_bytes, atomic_write_json, atomic_wri
 PROG = "ablate.py"
 REPO = Path(__file__).resolve().parent
 # (json key, column name, digits shown): the digits metric (docs/CONVENTIONS.md §12) ...
-DIGITS_COLUMNS = (("fd_ratio", "FD/floor", 2), ("fd", "FD", 2), ("fd_floor", "floor", 2),
+DIGITS_COLUMNS = (("fd_ratio", "FD/floor", 2), ("fd_ratio_halfwidth", "FD/floor 90% +-", 2),
+                  ("fd", "FD", 2), ("fd_floor", "floor", 2),
                   ("precision", "precision", 3), ("recall", "recall", 3),
                   ("class_accuracy", "accuracy", 3), ("diversity", "diversity", 3),
                   ("copies", "copies", 3))
 # ... and the ADM suite (evaluate.py metrics) when --eval-reference is given
 ADM_COLUMNS = (("fid", "FID", 2), ("sfid", "sFID", 2), ("inception_score", "IS", 1),
                ("precision", "precision", 3), ("recall", "recall", 3))
+# curves of the online evaluation (each run's eval.jsonl, train.py --eval-every)
+DIGITS_CURVES = (("fd_ratio", "FD / floor"), ("copies", "copy rate"))
+ADM_CURVES = (("fid", "FID"),)
 # training terms read from each run's log.jsonl (the last logged window)
 TRAIN_TERMS = ("si", "disp", "contrast_pos")
 
@@ -148,6 +152,7 @@ class Study:
         self.seeds = list(dict.fromkeys(args.seeds))
         self.jobs = [Job(c, s) for c in self.cells for s in self.seeds]
         self.columns = ADM_COLUMNS if self.eval_reference else DIGITS_COLUMNS
+        self.curve_keys = ADM_CURVES if self.eval_reference else DIGITS_CURVES
         for bad in ("--seed", "--output-dir", "--exp-name", "--resume"):
             if bad in self.base or any(bad in c.flags for c in self.cells):
                 raise UsageError(f"{bad} is set by the runner per cell; drop it from --base/--cell")
@@ -251,6 +256,8 @@ def collect(study: Study) -> list[dict]:
             m = json.loads(path.read_text())
             row = {"cell": job.cell.name, "seed": job.seed, "cfg_scale": s,
                    "flags": shlex.join(job.cell.flags)}
+            interval = m.get("fd_ratio_interval")  # the headline's own 90% interval
+            m["fd_ratio_halfwidth"] = (interval[1] - interval[0]) / 2 if interval else None
             row.update({k: m.get(k) for k, _, _ in study.columns})
             row.update(final_terms(d))
             rows.append(row)
@@ -318,7 +325,11 @@ def markdown(summary: list[dict], study: Study, command: str, timings: dict) -> 
              f"Mean +- std over seeds; delta: change of the mean {head_name} against the first "
              "cell at the same guidance scale (negative is better for FD and FID); the terms "
              "(end) are the unweighted training terms of the last logged window; train s: "
-             "median training seconds per run.", ""]
+             "median training seconds per run."
+             + (" FD/floor 90% +-: half the width of one run's 90% interval of its headline "
+                "(bootstrap of its generated set against the fixed floor), mean over seeds: the "
+                "noise of a single run's number, beside the spread over seeds."
+                if study.columns is DIGITS_COLUMNS else ""), ""]
     terms = [(f"train_{k}", name, 2) for k, name in (("disp", "disp term (end)"),
                                                       ("contrast_pos", "positive term (end)"))
              if any(r["stats"][f"train_{k}"] for r in summary)]
@@ -389,13 +400,121 @@ def plot(path: Path, summary: list[dict], study: Study) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# -- curves: the online evaluation over training steps ------------------------------------------
+
+def collect_curves(study: Study) -> list[dict]:
+    """One row per (cell, seed, evaluated step) from every run's eval.jsonl (the last record of
+    a step wins: a resumed run may have written it twice)."""
+    rows = []
+    for job in study.jobs:
+        path = cell_dir(study.out, job) / "eval.jsonl"
+        if not path.is_file():
+            continue
+        by_step = {}
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            by_step[rec["step"]] = {k: rec.get(k) for k, _ in study.curve_keys}
+        rows += [{"cell": job.cell.name, "seed": job.seed, "step": step, **vals}
+                 for step, vals in sorted(by_step.items())]
+    return rows
+
+
+def summarise_curves(rows: list[dict], study: Study) -> dict[str, dict[int, dict]]:
+    """cell -> step -> {key: (mean, std over seeds, number of seeds)}."""
+    out: dict[str, dict[int, dict]] = {}
+    for cell in study.cells:
+        mine = [r for r in rows if r["cell"] == cell.name]
+        for step in sorted({r["step"] for r in mine}):
+            at = [r for r in mine if r["step"] == step]
+            stats = {}
+            for k, _ in study.curve_keys:
+                vals = [r[k] for r in at if r[k] is not None]
+                stats[k] = (*mean_std(vals), len(vals)) if vals else None
+            out.setdefault(cell.name, {})[step] = stats
+    return out
+
+
+def curves_markdown(curves: dict[str, dict[int, dict]], study: Study, max_cols: int = 6) -> str:
+    """One table per curve metric: cells x (evenly spaced) evaluated steps, mean +- std."""
+    steps = sorted({s for by_step in curves.values() for s in by_step})
+    if len(steps) > max_cols:
+        steps = [steps[round(i * (len(steps) - 1) / (max_cols - 1))] for i in range(max_cols)]
+    lines = ["Curves: the online evaluation during training (train.py --eval-every, eval.jsonl "
+             "of each run), mean +- std over the seeds that reached the step; curves.csv has "
+             "every point, curves.png plots them.", ""]
+    for key, name in study.curve_keys:
+        lines += [f"{name}:", "", "| cell | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|" + "---:|" * len(steps)]
+        for cell, by_step in curves.items():
+            cells = []
+            for s in steps:
+                st = (by_step.get(s) or {}).get(key)
+                cells.append("" if st is None else f"{st[0]:.3f} +- {st[1]:.3f}")
+            lines.append(f"| {cell} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(path: Path, curves: dict[str, dict[int, dict]], study: Study) -> None:
+    """One panel per curve metric: mean over seeds per cell against steps, band +- std."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = study.curve_keys
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
+    for ax, (key, name) in zip(axes[0], keys):
+        for cell, by_step in curves.items():
+            pts = [(s, st[key]) for s, st in sorted(by_step.items()) if st.get(key)]
+            if not pts:
+                continue
+            xs = [s for s, _ in pts]
+            m = [v[0] for _, v in pts]
+            sd = [v[1] for _, v in pts]
+            line, = ax.plot(xs, m, marker="o", ms=3, label=cell)
+            ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                            color=line.get_color(), alpha=0.15)
+        if key == "fd_ratio":
+            ax.axhline(1.0, color="k", lw=0.8, ls="--", label="real-data floor")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{name} (mean +- std over seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_curves(study: Study) -> str:
+    """curves.csv and curves.png from the runs' eval.jsonl; the markdown ('' if none)."""
+    rows = collect_curves(study)
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    fields = ["cell", "seed", "step"] + [k for k, _ in study.curve_keys]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r[k] is None else repr(r[k]) if isinstance(r[k], float) else r[k]
+                    for k in fields})
+    atomic_write_text(study.out / "curves.csv", buf.getvalue())
+    curves = summarise_curves(rows, study)
+    plot_curves(study.out / "curves.png", curves, study)
+    return curves_markdown(curves, study)
+
+
 def report(study: Study) -> str:
-    """Write results.csv, results.md and results.png; return the markdown."""
+    """Write results.csv, results.md and results.png (and curves.csv / .png when the runs
+    evaluated online); return the markdown."""
     rows = collect(study)
     write_csv(study.out / "results.csv", rows, study)
     summary = summarise(rows, study)
     command = json.loads((study.out / "study.json").read_text())["command"]
     md = markdown(summary, study, command, median_train_seconds(study))
+    curves = write_curves(study)
+    if curves:
+        md += "\n" + curves
     atomic_write_text(study.out / "results.md", md)
     if summary:
         plot(study.out / "results.png", summary, study)

@@ -77,7 +77,7 @@ def test_table_is_mean_std_over_seeds_and_delta_against_the_baseline(tmp_path):
     assert rows["disp_tau=2"]["seeds"] == [0, 1]
     assert rows["disp_tau=2"]["delta"] == pytest.approx(100 * (1.5 / 2.2 - 1))
     assert rows["baseline"]["stats"]["recall"] is None              # not in these files
-    assert "| disp_tau=1 | 1 | 3 | 3.30 +- 0.30 | 33.00 +- 3.00 |" in md
+    assert "| disp_tau=1 | 1 | 3 | 3.30 +- 0.30 | n/a | 33.00 +- 3.00 |" in md
     assert "+50%" in md and "-32%" in md
     assert rows["disp_tau=1"]["stats"]["train_disp"] == pytest.approx((-3.3, 0.3))
     assert rows["baseline"]["stats"]["train_disp"] is None
@@ -88,6 +88,36 @@ def test_table_is_mean_std_over_seeds_and_delta_against_the_baseline(tmp_path):
     assert statistics.stdev(float(r["fd_ratio"]) for r in got if r["cell"] == "baseline") == \
         pytest.approx(0.2)
     assert (study.out / "results.png").stat().st_size > 1000
+
+
+def test_curves_over_steps_and_the_headline_interval(tmp_path):
+    """eval.jsonl of each run -> per (cell, step) mean and sample std over seeds, by hand; a
+    step written twice (a resumed run) counts once, its last record; one run's 90% interval
+    becomes its half-width column."""
+    study = _fake_study(tmp_path, {("baseline", 0): 2.0, ("baseline", 1): 2.0,
+                                   ("disp_tau=1", 0): 3.0})
+    d0 = ablate.cell_dir(study.out, study.jobs[0])
+    d1 = ablate.cell_dir(study.out, study.jobs[1])
+    recs = {d0: [(10, 4.0, 0.0), (20, 2.0, 0.1), (20, 3.0, 0.2)], d1: [(10, 6.0, 0.0),
+                                                                         (20, 5.0, 0.4)]}
+    for d, points in recs.items():
+        (d / "eval.jsonl").write_text("".join(
+            json.dumps({"step": s, "fd_ratio": r, "copies": c, "fd": 1.0}) + "\n"
+            for s, r, c in points))
+    (d0 / "metrics-cfg1.json").write_text(json.dumps({"fd_ratio": 2.0,
+                                                      "fd_ratio_interval": [1.5, 2.9]}))
+    md = ablate.report(study)
+    curves = ablate.summarise_curves(ablate.collect_curves(study), study)
+    assert curves["baseline"][10]["fd_ratio"] == pytest.approx((5.0, 2 ** 0.5, 2))
+    assert curves["baseline"][20]["fd_ratio"] == pytest.approx((4.0, 2 ** 0.5, 2))  # 3 and 5
+    assert curves["baseline"][20]["copies"] == pytest.approx((0.3, 0.1 * 2 ** 0.5, 2))
+    assert "disp_tau=1" not in curves  # no eval.jsonl there
+    with open(study.out / "curves.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert (study.out / "curves.png").stat().st_size > 1000
+    assert "| baseline | 5.000 +- 1.414 | 4.000 +- 1.414 |" in md and "copy rate:" in md
+    rows = {r["cell"]: r for r in ablate.summarise(ablate.collect(study), study)}
+    assert rows["baseline"]["stats"]["fd_ratio_halfwidth"] == pytest.approx((0.7, 0.0))
 
 
 def test_print_commands_lists_only_unfinished_runs(tmp_path, capsys):
