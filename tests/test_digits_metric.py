@@ -84,7 +84,7 @@ def test_reference_is_the_documented_split_and_classifier(ref, halves):
 
 def test_real_vs_real_is_at_the_floor(halves):
     imgs, labels = pick(*halves["b"], 300, seed=1)
-    m = digits_metrics(imgs, labels)
+    m = digits_metrics(imgs, labels, splits=20)
     assert 0.5 <= m["fd_ratio"] <= 2.0, m["fd_ratio"]
     assert m["precision"] > 0.7 and m["recall"] > 0.7
     assert m["class_accuracy"] >= 0.95 and 0.8 <= m["diversity"] <= 1.25
@@ -92,13 +92,15 @@ def test_real_vs_real_is_at_the_floor(halves):
     lo, hi = m["fd_ratio_interval"]
     assert lo < m["fd_ratio"] < hi and m["fd_ratio_std"] > 0
     # samples at 16x16 (nearest upscaled, as --resolution 16 stores them) give the same numbers
-    assert digits_metrics(render(imgs[..., 0] * 16.0 / 255.0, upscale=2), labels) == m
+    assert digits_metrics(render(imgs[..., 0] * 16.0 / 255.0, upscale=2), labels,
+                          splits=20) == m
 
 
 def test_untrained_model_scores_far_worse(halves):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 300)
-    noise = digits_metrics(rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8), labels)
+    noise = digits_metrics(rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8), labels,
+                           splits=0)
     assert noise["fd_ratio"] > 10 and noise["precision"] < 0.1
     assert noise["class_accuracy"] < 0.3 and noise["copies"] == 0.0
     yy, xx = np.mgrid[:8, :8]
@@ -106,14 +108,14 @@ def test_untrained_model_scores_far_worse(halves):
     sd = rng.uniform(1, 2.5, 300)
     blobs = 16 * np.exp(-((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2)
                         / (2 * sd[:, None, None] ** 2))
-    m = digits_metrics(render(blobs), labels)
+    m = digits_metrics(render(blobs), labels, splits=0)
     assert m["fd_ratio"] > 10 and m["precision"] < 0.5
 
 
 def test_training_copies_are_flagged(halves):
-    copies = digits_metrics(*pick(*halves["a"], 300, seed=2))
+    copies = digits_metrics(*pick(*halves["a"], 300, seed=2), splits=0)
     assert copies["copies"] > 0.9
-    fresh = digits_metrics(*pick(*halves["b"], 300, seed=2))
+    fresh = digits_metrics(*pick(*halves["b"], 300, seed=2), splits=0)
     assert fresh["copies"] < 0.1
     # the threshold: 1st percentile of real B's nearest-real-A distances in 0..16 pixel space
     pa = halves["a"][0][..., 0].reshape(-1, 64) * 16.0 / 255.0
@@ -124,7 +126,8 @@ def test_training_copies_are_flagged(halves):
 
 def test_identical_inputs_give_identical_output(halves):
     imgs, labels = pick(*halves["b"], 120, seed=3)
-    assert digits_metrics(imgs, labels, seed=4) == digits_metrics(imgs, labels, seed=4)
+    assert digits_metrics(imgs, labels, seed=4, splits=10) == \
+        digits_metrics(imgs, labels, seed=4, splits=10)
     # the classifier is refitted identically
     again = DigitsReference()
     assert np.array_equal(again.w1, digits_reference().w1)
@@ -165,7 +168,7 @@ def test_mode_collapse_has_no_diversity(halves):
     imgs, labels = halves["b"]
     one_per_class = np.array([np.flatnonzero(labels == c)[0] for c in range(10)])
     want = np.repeat(np.arange(10), 20)
-    m = digits_metrics(imgs[one_per_class][want], want)
+    m = digits_metrics(imgs[one_per_class][want], want, splits=0)
     assert m["diversity"] < 0.01 and m["class_accuracy"] >= 0.9
     assert max(m["per_class_diversity"].values()) < 0.01
     assert m["recall"] < 0.2
@@ -225,11 +228,11 @@ def test_cli(tmp_path, capsys, halves):
     imgs, labels = pick(*halves["b"], 200, seed=9)
     npz, out = tmp_path / "samples.npz", tmp_path / "digits.json"
     np.savez(npz, imgs, labels)
-    assert main(["digits", str(npz), "--json", str(out)]) == 0
+    assert main(["digits", str(npz), "--json", str(out), "--splits", "30"]) == 0
     printed = capsys.readouterr().out
     assert "FD / floor" in printed and "precision" in printed and "copies" in printed
     saved = json.loads(out.read_text())
-    direct = digits_metrics(imgs, labels)
+    direct = digits_metrics(imgs, labels, splits=30)
     for key in ("fd", "fd_floor", "fd_ratio", "fd_interval", "fd_std", "fd_ratio_interval",
                 "fd_ratio_std", "precision", "recall", "class_accuracy",
                 "classifier_heldout_accuracy", "diversity", "copies", "copy_threshold"):
