@@ -30,6 +30,20 @@ from losses import si_batch, training_losses
 from models.sit import SiT_models
 
 
+def build(args: argparse.Namespace) -> tuple:
+    """``(device, model, optimizer, x, y)``: a MeanFlow SiT of ``args.model`` with AdamW and a
+    fixed batch of random SD-VAE-shaped latents (4x32x32) and labels, seeded."""
+    device = torch.device(args.device)
+    runtime.configure(device, True, args.precision)
+    torch.manual_seed(0)
+    model = SiT_models[args.model](input_size=32, in_channels=4, num_classes=1000,
+                                   meanflow=True).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(args.batch_size, 4, 32, 32, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    return device, model, opt, x, y
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(p, steps=6)
@@ -37,15 +51,8 @@ def main() -> None:
     p.add_argument("--guided", action="store_true", help="training-time guidance on (w=2)")
     args = p.parse_args()
     apply_threads(args)
-    device = torch.device(args.device)
-    runtime.configure(device, True, args.precision)
-    torch.manual_seed(0)
-    model = SiT_models[args.model](input_size=32, in_channels=4, num_classes=1000,
-                                   meanflow=True).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device, model, opt, x, y = build(args)
     mf = MeanFlowLoss(cfg_w=2.0 if args.guided else 1.0)
-    x = torch.randn(args.batch_size, 4, 32, 32, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
     def step(kind: str) -> float:
         if device.type == "cuda":

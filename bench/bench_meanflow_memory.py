@@ -37,23 +37,12 @@ import torch.autograd.forward_ad as fwAD
 
 import runtime
 from bench._machine import add_step_args, apply_threads, describe_machine
+from bench.bench_meanflow import build
 from losses import MeanFlowLoss, meanflow_batch, meanflow_losses
 from losses.meanflow import meanflow_prediction_one_jvp
 from models.sit import SiT_models
 
 KINDS = ("two-pass", "one-jvp")
-
-
-def build(args):
-    device = torch.device(args.device)
-    runtime.configure(device, True, args.precision)
-    torch.manual_seed(0)
-    model = SiT_models[args.model](input_size=32, in_channels=4, num_classes=1000,
-                                   meanflow=True).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(args.batch_size, 4, 32, 32, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    return device, model, opt, x, y
 
 
 def step_loss(kind: str, model, x, y, mf: MeanFlowLoss) -> torch.Tensor:
