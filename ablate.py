@@ -322,10 +322,10 @@ def summarise(rows: list[dict], study: Study) -> list[dict]:
 def markdown(summary: list[dict], study: Study, command: str, timings: dict) -> str:
     head_name = study.columns[0][1]
     lines = [f"Reproduce: `{command}`", "",
-             f"Mean +- std over seeds; delta: change of the mean {head_name} against the first "
-             "cell at the same guidance scale (negative is better for FD and FID); the terms "
-             "(end) are the unweighted training terms of the last logged window; train s: "
-             "median training seconds per run."
+             "Mean +- std over seeds (the mean alone for one seed); delta: change of the mean "
+             f"{head_name} against the first cell at the same guidance scale (negative is "
+             "better for FD and FID); the terms (end) are the unweighted training terms of the "
+             "last logged window; train s: median training seconds per run."
              + (" FD/floor 90% +-: half the width of one run's 90% interval of its headline "
                 "(bootstrap of its generated set against the fixed floor), mean over seeds: the "
                 "noise of a single run's number, beside the spread over seeds."
@@ -341,7 +341,8 @@ def markdown(summary: list[dict], study: Study, command: str, timings: dict) -> 
         cells = []
         for k, _, digits in shown:
             st = r["stats"][k]
-            cells.append("n/a" if st is None else f"{st[0]:.{digits}f} +- {st[1]:.{digits}f}")
+            cells.append("n/a" if st is None else f"{st[0]:.{digits}f}" if len(r["seeds"]) == 1
+                         else f"{st[0]:.{digits}f} +- {st[1]:.{digits}f}")  # no spread of one
         delta = "" if r["delta"] is None else f"{r['delta']:+.0f}%"
         secs = timings.get(r["cell"])
         lines.append(f"| {r['cell']} | {r['cfg_scale']:g} | {len(r['seeds'])} | "
@@ -440,8 +441,8 @@ def curves_markdown(curves: dict[str, dict[int, dict]], study: Study, max_cols: 
     if len(steps) > max_cols:
         steps = [steps[round(i * (len(steps) - 1) / (max_cols - 1))] for i in range(max_cols)]
     lines = ["Curves: the online evaluation during training (train.py --eval-every, eval.jsonl "
-             "of each run), mean +- std over the seeds that reached the step; curves.csv has "
-             "every point, curves.png plots them.", ""]
+             "of each run), mean +- std over the seeds that reached the step (the mean alone "
+             "for one seed); curves.csv has every point, curves.png plots them.", ""]
     for key, name in study.curve_keys:
         lines += [f"{name}:", "", "| cell | " + " | ".join(f"step {s}" for s in steps) + " |",
                   "|---|" + "---:|" * len(steps)]
@@ -449,7 +450,8 @@ def curves_markdown(curves: dict[str, dict[int, dict]], study: Study, max_cols: 
             cells = []
             for s in steps:
                 st = (by_step.get(s) or {}).get(key)
-                cells.append("" if st is None else f"{st[0]:.3f} +- {st[1]:.3f}")
+                cells.append("" if st is None else f"{st[0]:.3f}" if st[2] == 1
+                             else f"{st[0]:.3f} +- {st[1]:.3f}")
             lines.append(f"| {cell} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
