@@ -415,6 +415,7 @@ def collect_curves(study: Study) -> list[dict]:
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             by_step[rec["step"]] = {k: rec.get(k) for k, _ in study.curve_keys}
+            by_step[rec["step"]]["real_b_copies"] = rec.get("real_b_copies")  # copy-rate scale
         rows += [{"cell": job.cell.name, "seed": job.seed, "step": step, **vals}
                  for step, vals in sorted(by_step.items())]
     return rows
@@ -457,8 +458,11 @@ def curves_markdown(curves: dict[str, dict[int, dict]], study: Study, max_cols: 
     return "\n".join(lines)
 
 
-def plot_curves(path: Path, curves: dict[str, dict[int, dict]], study: Study) -> None:
-    """One panel per curve metric: mean over seeds per cell against steps, band +- std."""
+def plot_curves(path: Path, curves: dict[str, dict[int, dict]], study: Study,
+                real_copies: float | None = None) -> None:
+    """One panel per curve metric: mean over seeds per cell against steps, band +- std; the
+    real-data floor on FD / floor, and ``real_copies`` (real digits the model never saw, by the
+    same copy test) on the copy rate."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -478,6 +482,9 @@ def plot_curves(path: Path, curves: dict[str, dict[int, dict]], study: Study) ->
                             color=line.get_color(), alpha=0.15)
         if key == "fd_ratio":
             ax.axhline(1.0, color="k", lw=0.8, ls="--", label="real-data floor")
+        if key == "copies" and real_copies is not None:
+            ax.axhline(real_copies, color="k", lw=0.8, ls=":", label="real digits not trained on")
+            ax.legend(fontsize=7)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{name} (mean +- std over seeds)")
     axes[0][0].legend(fontsize=7)
@@ -502,7 +509,9 @@ def write_curves(study: Study) -> str:
                     for k in fields})
     atomic_write_text(study.out / "curves.csv", buf.getvalue())
     curves = summarise_curves(rows, study)
-    plot_curves(study.out / "curves.png", curves, study)
+    real = [r["real_b_copies"] for r in rows if r.get("real_b_copies") is not None]
+    plot_curves(study.out / "curves.png", curves, study,
+                statistics.median(real) if real else None)
     return curves_markdown(curves, study)
 
 
